@@ -1,0 +1,2 @@
+//! Sans-IO core of the skymesh agent. Nothing here reads the clock, opens a socket or depends
+//! on tokio: every input (packets seen, time, link events) is passed in by the driver.
