@@ -1,1 +1,259 @@
-fn main() {}
+//! `skymesh-controller`: serve the API, create admin tokens, verify the audit log.
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use skymesh_controller::config::Config;
+use skymesh_controller::store::{Actor, Scope, Store};
+use skymesh_controller::{app, open, signing, store_options, Clock};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(name = "skymesh-controller", version, about = "skymesh controller")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the HTTP API.
+    Serve(ServeArgs),
+    /// Manage admin API tokens.
+    AdminToken {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Audit log tools.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Args)]
+struct CommonArgs {
+    /// YAML configuration file.
+    #[arg(long, env = "SKYMESH_CONFIG")]
+    config: Option<PathBuf>,
+    /// Directory for the database and signing key (overrides `data_dir` in the config).
+    #[arg(long, env = "SKYMESH_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Address to listen on (overrides `listen` in the config).
+    #[arg(long, env = "SKYMESH_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// MTU handed to agents (overrides `mtu`).
+    #[arg(long, env = "SKYMESH_MTU")]
+    mtu: Option<u16>,
+    /// Overlay IPv4 prefix (overrides `overlay.ipv4`; fixed at first start).
+    #[arg(long, env = "SKYMESH_OVERLAY_IPV4")]
+    overlay_ipv4: Option<ipnet::Ipv4Net>,
+    /// Overlay IPv6 ULA prefix (overrides `overlay.ipv6`; fixed at first start).
+    #[arg(long, env = "SKYMESH_OVERLAY_IPV6")]
+    overlay_ipv6: Option<ipnet::Ipv6Net>,
+    /// Largest accepted request body in bytes (overrides `max_body_bytes`).
+    #[arg(long, env = "SKYMESH_MAX_BODY_BYTES")]
+    max_body_bytes: Option<usize>,
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a token and print it (it is stored hashed and cannot be shown again).
+    Create {
+        #[command(flatten)]
+        common: CommonArgs,
+        /// Create a read-only token (GET endpoints only).
+        #[arg(long, env = "SKYMESH_READ_ONLY")]
+        read_only: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Verify the audit log's hash chain; exits non-zero if it is broken.
+    Verify {
+        #[command(flatten)]
+        common: CommonArgs,
+    },
+}
+
+fn load_config(common: &CommonArgs) -> anyhow::Result<Config> {
+    let mut config = match &common.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    if let Some(d) = &common.data_dir {
+        config.data_dir = d.clone();
+    }
+    Ok(config)
+}
+
+async fn open_store(config: &Config) -> anyhow::Result<Store> {
+    config.validate()?;
+    signing::ensure_data_dir(&config.data_dir)?;
+    Store::open_sqlite(&config.data_dir, &store_options(config))
+        .await
+        .with_context(|| format!("opening the database in {}", config.data_dir.display()))
+}
+
+fn now() -> u64 {
+    Clock::System.now()
+}
+
+/// The command that creates an admin token for this data dir, naming this very binary so it
+/// can be pasted as is (also when run through `cargo run`).
+fn token_hint(data_dir: &Path) -> String {
+    let exe = std::env::args()
+        .next()
+        .unwrap_or_else(|| "skymesh-controller".into());
+    format!(
+        "{exe} admin-token create --data-dir {}",
+        data_dir.display()
+    )
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let mut config = load_config(&args.common)?;
+    if let Some(v) = args.listen {
+        config.listen = v;
+    }
+    if let Some(v) = args.mtu {
+        config.mtu = v;
+    }
+    if let Some(v) = args.overlay_ipv4 {
+        config.overlay.ipv4 = v;
+    }
+    if let Some(v) = args.overlay_ipv6 {
+        config.overlay.ipv6 = v;
+    }
+    if let Some(v) = args.max_body_bytes {
+        config.max_body_bytes = v;
+    }
+    let state = open(&config, Clock::System)
+        .await
+        .context("starting the controller")?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    let store = state.store.clone();
+    // Write errors are ignored: a closed stdout (detached service) must not kill the server.
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "skymesh-controller listening on http://{addr}");
+    let _ = writeln!(
+        out,
+        "  data dir: {}  controller key: {}",
+        config.data_dir.display(),
+        state.controller_public_key()
+    );
+    let _ = writeln!(
+        out,
+        "  get an admin token: {}",
+        token_hint(&config.data_dir)
+    );
+    let _ = out.flush();
+    drop(out);
+    tracing::info!(%addr, "serving");
+    axum::serve(listener, app(state))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("serving")?;
+    store.close().await;
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
+    tracing::info!("shutting down");
+}
+
+async fn try_main() -> anyhow::Result<ExitCode> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => serve(args).await.map(|()| ExitCode::SUCCESS),
+        Command::AdminToken {
+            command: TokenCommand::Create { common, read_only },
+        } => {
+            let config = load_config(&common)?;
+            let store = open_store(&config).await?;
+            let scope = if read_only {
+                Scope::ReadOnly
+            } else {
+                Scope::Admin
+            };
+            let (id, token) = store
+                .create_admin_token(&Actor("cli".into()), scope, now())
+                .await?;
+            store.close().await;
+            eprintln!("created {scope:?} token {id}; it is shown only once:");
+            println!("{token}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Audit {
+            command: AuditCommand::Verify { common },
+        } => {
+            let config = load_config(&common)?;
+            let store = open_store(&config).await?;
+            let result = store.verify_audit().await?;
+            store.close().await;
+            match result {
+                Ok(head) => {
+                    println!(
+                        "audit chain ok: {} entries, head {}",
+                        head.entries, head.head
+                    );
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    println!("audit chain BROKEN: {e}");
+                    Ok(ExitCode::from(2))
+                }
+            }
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(try_main()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,2 +1,8 @@
 //! Sans-IO core of the skymesh agent. Nothing here reads the clock, opens a socket or depends
 //! on tokio: every input (packets seen, time, link events) is passed in by the driver.
+
+pub mod allowed_ips;
+pub mod key;
+pub mod path;
+pub mod uapi;
+pub mod wgquick;

@@ -1,0 +1,1010 @@
+//! [`PathAgent`]: path selection towards one remote peer.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use super::config::{FailoverTiming, ProbeTiming, ValidPathConfig};
+use super::probe::NonceSource;
+use super::stats::{LossWindow, RttEstimator};
+use super::{
+    LinkState, Role, PathEvent, PathHealth, PathId, PathStats, ProbeId, ProbeTransmit, RemoteEndpoint,
+    SwitchReason, SwitchRecord, UnmatchedReply, UplinkId,
+};
+
+/// Probes remembered per path while waiting for their reply. A reply to an older probe than
+/// this is ignored (and the probe counted lost): at the fast cadence that is 1.6 s of probes,
+/// far beyond any RTT we would still call healthy.
+const OUTSTANDING: usize = 8;
+
+/// Unanswered probes (counting the one just answered) that mark an outage rather than random
+/// loss and restart a path's fail-back hold. Three means two lost in a row: at Starlink's ~1 %
+/// random loss that happens once in ten thousand probes, while any outage long enough to
+/// matter (≥ ~400 ms at the fast cadence) produces it.
+const STREAK_RESTARTS_HOLD: u32 = 3;
+
+/// An unanswered probe older than this is counted lost in the loss statistics.
+const PROBE_LOSS_AGE: Duration = Duration::from_secs(5);
+
+/// Cap on the RTT-derived stretch of timeouts, so a path with a pathological RTT estimate is
+/// still declared dead in bounded time.
+const MAX_RTO: Duration = Duration::from_secs(3);
+
+/// While no path is proven, every path is probed at its fast cadence for this long, then at its
+/// backup cadence: finds a working path within one RTT after an outage, without spending five
+/// probes a second forever on a peer that is simply offline.
+const SEARCH_FAST_WINDOW: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Health {
+    /// Never answered a probe since it appeared or its link came up.
+    Unproven,
+    /// Answered a probe, no distress since `since`.
+    Healthy { since: Instant },
+    /// Declared in distress at `at`; only a new probe reply clears it.
+    Failed { at: Instant },
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Outstanding {
+    nonce: u64,
+    sent_at: Instant,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct UplinkState {
+    up: bool,
+    priority: u8,
+    probe: ProbeTiming,
+}
+
+#[derive(Debug, Clone)]
+struct PathState {
+    id: PathId,
+    remote_priority: u8,
+    created: Instant,
+    health: Health,
+    /// Last authenticated packet of any kind (data, keepalive, probe reply) on this path.
+    last_rx: Option<Instant>,
+    /// First data or probe sent after `last_rx`: how long we have been waiting for the peer.
+    silent_since: Option<Instant>,
+    last_probe_at: Option<Instant>,
+    /// Probes sent since the last probe reply, when the first was sent, and when the
+    /// `distress_probes`-th was sent.
+    unanswered: u32,
+    first_unanswered_at: Option<Instant>,
+    nth_unanswered_at: Option<Instant>,
+    outstanding: [Option<Outstanding>; OUTSTANDING],
+    rtt: RttEstimator,
+    loss: LossWindow,
+    probes_sent: u64,
+    replies: u64,
+    last_reply: Option<Instant>,
+    /// Since when this path has been better than the active path by the RTT margin.
+    better_since: Option<Instant>,
+}
+
+impl PathState {
+    fn new(id: PathId, remote_priority: u8, now: Instant) -> Self {
+        Self {
+            id,
+            remote_priority,
+            created: now,
+            health: Health::Unproven,
+            last_rx: None,
+            silent_since: None,
+            last_probe_at: None,
+            unanswered: 0,
+            first_unanswered_at: None,
+            nth_unanswered_at: None,
+            outstanding: [None; OUTSTANDING],
+            rtt: RttEstimator::default(),
+            loss: LossWindow::default(),
+            probes_sent: 0,
+            replies: 0,
+            last_reply: None,
+            better_since: None,
+        }
+    }
+
+    /// Forgets liveness evidence (link went down or came back); keeps RTT history and counters.
+    fn reset_liveness(&mut self, now: Instant) {
+        self.created = now;
+        self.health = Health::Unproven;
+        self.silent_since = None;
+        self.last_probe_at = None;
+        self.unanswered = 0;
+        self.first_unanswered_at = None;
+        self.nth_unanswered_at = None;
+        self.better_since = None;
+        for slot in &mut self.outstanding {
+            if slot.take().is_some() {
+                self.loss.record(true);
+            }
+        }
+    }
+
+    fn is_healthy(&self) -> bool {
+        matches!(self.health, Health::Healthy { .. })
+    }
+
+    /// Bound on how long a reply may plausibly take on this path.
+    fn probe_timeout(&self, probe: &ProbeTiming) -> Duration {
+        let rto = self.rtt.rto().unwrap_or(Duration::ZERO).min(MAX_RTO);
+        probe.fast_interval.max(rto)
+    }
+
+    /// Inbound silence that counts as distress. Stretched to twice the smoothed RTT on
+    /// long-RTT paths (GEO) so a reply still in flight is not mistaken for a dead path. Not
+    /// stretched by the RTT *variation*: a Starlink spike inflates it for a minute and would
+    /// slow detection of a real blackhole to seconds, while the spike itself never silences a
+    /// path for the distress timeout.
+    fn silence_timeout(&self, failover: &FailoverTiming) -> Duration {
+        let srtt = self.rtt.smoothed().unwrap_or(Duration::ZERO).min(MAX_RTO);
+        failover.distress_timeout.max(srtt * 2)
+    }
+
+    /// Round-trip silence (probes unanswered although inbound data may flow) that counts as
+    /// distress: twice the inbound timeout, and twice the RTO. Only one-way failures need
+    /// this rule, and a bloated uplink queue delays probe replies without losing them, so it
+    /// errs on the slow side.
+    fn round_trip_timeout(&self, failover: &FailoverTiming) -> Duration {
+        let rto = self.rtt.rto().unwrap_or(Duration::ZERO).min(MAX_RTO);
+        (failover.distress_timeout * 2).max(rto * 2)
+    }
+
+    /// When this path is declared in distress if nothing arrives before; `None` when it is
+    /// not on its way to distress (or already failed).
+    fn distress_deadline(&self, failover: &FailoverTiming, probe: &ProbeTiming) -> Option<Instant> {
+        if matches!(self.health, Health::Failed { .. })
+            || self.unanswered < failover.distress_probes
+        {
+            return None;
+        }
+        let nth = self.nth_unanswered_at?;
+        // Inbound silence while we wait: nothing authenticated at all; the last counted probe
+        // had at least half a fast interval to come back.
+        let silent = self
+            .silent_since
+            .map(|s| (s + self.silence_timeout(failover)).max(nth + probe.fast_interval / 2));
+        // Round-trip silence: the last counted probe had a full probe timeout.
+        let round_trip = self
+            .first_unanswered_at
+            .map(|f| (f + self.round_trip_timeout(failover)).max(nth + self.probe_timeout(probe)));
+        match (silent, round_trip) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn expire_outstanding(&mut self, now: Instant) {
+        for slot in &mut self.outstanding {
+            if slot.is_some_and(|o| now.saturating_duration_since(o.sent_at) >= PROBE_LOSS_AGE) {
+                *slot = None;
+                self.loss.record(true);
+            }
+        }
+    }
+
+    fn record_probe(&mut self, out: Outstanding, distress_probes: u32) {
+        let now = out.sent_at;
+        let slot = match self.outstanding.iter().position(Option::is_none) {
+            Some(i) => i,
+            None => {
+                // Full: the oldest probe is given up on and counted lost.
+                let oldest = self
+                    .outstanding
+                    .iter()
+                    .enumerate()
+                    .min_by_key(|(_, o)| o.map(|o| o.sent_at))
+                    .map_or(0, |(i, _)| i);
+                self.loss.record(true);
+                oldest
+            }
+        };
+        self.outstanding[slot] = Some(out);
+        self.probes_sent += 1;
+        self.last_probe_at = Some(now);
+        self.unanswered = self.unanswered.saturating_add(1);
+        self.first_unanswered_at.get_or_insert(now);
+        if self.unanswered == distress_probes {
+            self.nth_unanswered_at = Some(now);
+        }
+        self.silent_since.get_or_insert(now);
+    }
+}
+
+/// Ranking of a path; lower is better. Derived `Ord` compares fields in order: operator tier
+/// (local uplink priority, then remote endpoint priority), then smoothed RTT (unmeasured =
+/// `Duration::MAX`), then the path id so ties break deterministically.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Score {
+    tier: (u8, u8),
+    rtt: Duration,
+    id: PathId,
+}
+
+/// Chooses the path to one remote peer among local uplinks × the peer's endpoints.
+///
+/// See the [module documentation](super) for the model, the policy and the driver contract.
+#[derive(Debug)]
+pub struct PathAgent {
+    uplinks: Vec<UplinkState>,
+    failover: FailoverTiming,
+    paths: Vec<PathState>,
+    active: Option<usize>,
+    /// While the active path is unproven or failed, probes due before this instant use the
+    /// fast cadence on every path (see [`SEARCH_FAST_WINDOW`]).
+    search_until: Option<Instant>,
+    nonces: NonceSource,
+    next_probe_id: u64,
+    transmits: VecDeque<ProbeTransmit>,
+    events: VecDeque<PathEvent>,
+    switch_count: u64,
+    last_switch: Option<SwitchRecord>,
+    /// The latest `now` passed in; upgrade deadlines at or before it were acted on or deferred.
+    last_now: Instant,
+    role: Role,
+}
+
+impl PathAgent {
+    /// Creates the agent for one peer. Every uplink is assumed up until the driver reports
+    /// otherwise; every path is probed at once. `nonce_seed` must come from the OS CSPRNG.
+    pub fn new(
+        config: &ValidPathConfig,
+        remotes: &[RemoteEndpoint],
+        nonce_seed: u64,
+        now: Instant,
+    ) -> Self {
+        let uplinks = config
+            .uplinks
+            .iter()
+            .map(|u| UplinkState {
+                up: true,
+                priority: u.config.priority,
+                probe: u.probe,
+            })
+            .collect();
+        let mut agent = Self {
+            uplinks,
+            failover: config.failover,
+            paths: Vec::new(),
+            active: None,
+            search_until: None,
+            nonces: NonceSource::new(nonce_seed),
+            next_probe_id: 0,
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+            switch_count: 0,
+            last_switch: None,
+            last_now: now,
+            role: Role::Chooser,
+        };
+        agent.set_remote_endpoints(remotes, now);
+        agent
+    }
+
+    /// Replaces the peer's endpoints (from a new netmap). Paths that remain keep their state;
+    /// if the active path disappears, traffic moves at once.
+    pub fn set_remote_endpoints(&mut self, remotes: &[RemoteEndpoint], now: Instant) {
+        let active_id = self.active.map(|i| self.paths[i].id);
+        let mut old = std::mem::take(&mut self.paths);
+        for (u, _) in self.uplinks.iter().enumerate() {
+            let Ok(u) = u8::try_from(u) else { break };
+            for r in remotes {
+                let id = PathId {
+                    uplink: UplinkId(u),
+                    remote: r.addr,
+                };
+                if self.paths.iter().any(|p| p.id == id) {
+                    continue; // duplicate endpoint in the netmap
+                }
+                let mut state = match old.iter().position(|p| p.id == id) {
+                    Some(i) => old.swap_remove(i),
+                    None => PathState::new(id, r.priority, now),
+                };
+                state.remote_priority = r.priority;
+                self.paths.push(state);
+            }
+        }
+        self.paths.sort_by_key(|p| p.id);
+        self.active = active_id.and_then(|id| self.index(id));
+        if active_id.is_some() && self.active.is_none() {
+            let pick = self.fallback_pick();
+            self.switch_from(active_id, pick, SwitchReason::EndpointRemoved, now);
+        }
+        self.evaluate(now);
+    }
+
+    /// The driver saw the uplink's link or address go up or down (netlink).
+    pub fn handle_link_event(&mut self, uplink: UplinkId, state: LinkState, now: Instant) {
+        let Some(u) = self.uplinks.get_mut(usize::from(uplink.0)) else {
+            return;
+        };
+        let up = state == LinkState::Up;
+        if u.up == up {
+            return;
+        }
+        u.up = up;
+        for p in self.paths.iter_mut().filter(|p| p.id.uplink == uplink) {
+            p.reset_liveness(now);
+        }
+        if up && self.active.is_none_or(|a| !self.paths[a].is_healthy()) {
+            // A returning link during an outage restarts the fast search.
+            self.search_until = Some(now + SEARCH_FAST_WINDOW);
+        }
+        self.evaluate(now);
+    }
+
+    /// WireGuard authenticated a packet (data or keepalive) from the peer arriving on `path`.
+    /// Cheap enough for the per-packet path: no allocation, a scan of a handful of paths.
+    pub fn handle_authenticated_rx(&mut self, path: PathId, now: Instant) {
+        let Some(i) = self.index(path) else { return };
+        let p = &mut self.paths[i];
+        p.last_rx = Some(now);
+        p.silent_since = None;
+        // Inbound data proves only the peer-to-us direction, so it never promotes a path and
+        // never clears a failure: only a probe reply does (round trip).
+    }
+
+    /// Sets which end of the pair chooses the path (see [`Role`]). Default: [`Role::Chooser`].
+    pub fn set_role(&mut self, role: Role, now: Instant) {
+        self.role = role;
+        self.evaluate(now);
+    }
+
+    /// The pair's role of this end.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// WireGuard authenticated a *data* packet (not a probe, not a probe reply) from the peer
+    /// on `path`. Same as [`handle_authenticated_rx`](Self::handle_authenticated_rx); in
+    /// addition a [`Role::Follower`] moves its own traffic to that path at once, so traffic
+    /// returns over the path the chooser picked. A path this end has declared failed is not
+    /// followed (a one-way failure: the chooser will notice our silence and move).
+    pub fn handle_peer_data(&mut self, path: PathId, now: Instant) {
+        self.handle_authenticated_rx(path, now);
+        if self.role != Role::Follower {
+            return;
+        }
+        let Some(i) = self.index(path) else { return };
+        if self.active == Some(i)
+            || !self.uplink_of(i).up
+            || matches!(self.paths[i].health, Health::Failed { .. })
+        {
+            return;
+        }
+        self.switch(Some(i), SwitchReason::PeerChoice, now);
+        self.evaluate(now);
+    }
+
+    /// The driver sent a data packet to the peer over the active path. Starts the "waiting for
+    /// the peer" clock that fast probing and distress detection use. Per-packet cheap.
+    pub fn handle_data_sent(&mut self, now: Instant) {
+        if let Some(a) = self.active {
+            self.paths[a].silent_since.get_or_insert(now);
+        }
+    }
+
+    /// WireGuard authenticated a probe reply carrying `nonce`, arriving on `path`.
+    /// A reply that matches no outstanding probe of that very path changes nothing.
+    pub fn handle_probe_reply(
+        &mut self,
+        path: PathId,
+        nonce: u64,
+        now: Instant,
+    ) -> Result<Duration, UnmatchedReply> {
+        let Some(i) = self.index(path) else {
+            return Err(UnmatchedReply::UnknownPath);
+        };
+        if !self.uplinks[usize::from(path.uplink.0)].up {
+            return Err(UnmatchedReply::LinkDown);
+        }
+        let p = &mut self.paths[i];
+        let Some(slot) = p
+            .outstanding
+            .iter()
+            .position(|o| o.is_some_and(|o| o.nonce == nonce))
+        else {
+            return Err(UnmatchedReply::UnknownNonce);
+        };
+        let Some(out) = p.outstanding[slot].take() else {
+            return Err(UnmatchedReply::UnknownNonce);
+        };
+        let rtt = now.saturating_duration_since(out.sent_at);
+        p.rtt.update(rtt);
+        p.loss.record(false);
+        p.replies += 1;
+        p.last_reply = Some(now);
+        p.last_rx = Some(now);
+        p.silent_since = None;
+        if p.unanswered >= STREAK_RESTARTS_HOLD {
+            // Two or more probes in a row went unanswered before this one: an outage, not
+            // random loss. The path is not "continuously healthy"; its fail-back hold restarts.
+            p.health = Health::Unproven;
+        }
+        p.unanswered = 0;
+        p.first_unanswered_at = None;
+        p.nth_unanswered_at = None;
+        if !p.is_healthy() {
+            p.health = Health::Healthy { since: now };
+        }
+        self.evaluate(now);
+        Ok(rtt)
+    }
+
+    /// Timers: distress deadlines, probe cadence, fail-back hold times.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.evaluate(now);
+        self.send_due_probes(now);
+        // Sending may start a search cadence for other paths; nothing else changes here.
+    }
+
+    /// Next probe to send. The driver wraps it as described in the module documentation.
+    pub fn poll_transmit(&mut self) -> Option<ProbeTransmit> {
+        self.transmits.pop_front()
+    }
+
+    /// Next path change to apply (set the WireGuard endpoint / uplink socket for the peer).
+    pub fn poll_event(&mut self) -> Option<PathEvent> {
+        self.events.pop_front()
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) must be called next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let mut next: Option<Instant> = None;
+        let mut consider = |t: Option<Instant>| {
+            if let Some(t) = t {
+                next = Some(next.map_or(t, |n| n.min(t)));
+            }
+        };
+        for (i, p) in self.paths.iter().enumerate() {
+            let u = &self.uplinks[usize::from(p.id.uplink.0)];
+            if !u.up {
+                continue;
+            }
+            consider(self.next_probe_at(i));
+            consider(p.distress_deadline(&self.failover, &u.probe));
+            // A past upgrade deadline was either taken or deferred for a better path whose
+            // own deadline is in the future (see `consider_upgrade`).
+            consider(self.upgrade_deadline(i).filter(|&t| t > self.last_now));
+        }
+        next
+    }
+
+    /// The path carrying traffic, `None` only when every uplink is down or the peer has no
+    /// endpoint.
+    pub fn active_path(&self) -> Option<PathId> {
+        self.active.map(|a| self.paths[a].id)
+    }
+
+    /// Number of path changes since creation (the initial choice is not counted).
+    pub fn switch_count(&self) -> u64 {
+        self.switch_count
+    }
+
+    /// The most recent path change.
+    pub fn last_switch(&self) -> Option<SwitchRecord> {
+        self.last_switch
+    }
+
+    /// Measurements of every path, in path order.
+    pub fn path_stats(&self) -> impl Iterator<Item = PathStats> + '_ {
+        self.paths.iter().map(|p| PathStats {
+            path: p.id,
+            health: if !self.uplinks[usize::from(p.id.uplink.0)].up {
+                PathHealth::LinkDown
+            } else {
+                match p.health {
+                    Health::Unproven => PathHealth::Unproven,
+                    Health::Healthy { .. } => PathHealth::Healthy,
+                    Health::Failed { .. } => PathHealth::Failed,
+                }
+            },
+            active: self.active_path() == Some(p.id),
+            smoothed_rtt: p.rtt.smoothed(),
+            rtt_var: p.rtt.var(),
+            latest_rtt: p.rtt.latest(),
+            loss_ratio: p.loss.ratio(),
+            probes_sent: p.probes_sent,
+            replies_received: p.replies,
+            last_reply: p.last_reply,
+        })
+    }
+
+    fn index(&self, id: PathId) -> Option<usize> {
+        self.paths.iter().position(|p| p.id == id)
+    }
+
+    fn uplink_of(&self, i: usize) -> &UplinkState {
+        &self.uplinks[usize::from(self.paths[i].id.uplink.0)]
+    }
+
+    fn score(&self, i: usize) -> Score {
+        let p = &self.paths[i];
+        Score {
+            tier: (self.uplink_of(i).priority, p.remote_priority),
+            rtt: p.rtt.smoothed().unwrap_or(Duration::MAX),
+            id: p.id,
+        }
+    }
+
+    /// The end of the fast search window, if a search is on (active path unproven or failed).
+    fn search_until(&self) -> Option<Instant> {
+        let active_proven = self.active.is_some_and(|a| self.paths[a].is_healthy());
+        if active_proven {
+            None
+        } else {
+            self.search_until
+        }
+    }
+
+    /// When path `i` is due for a probe.
+    fn next_probe_at(&self, i: usize) -> Option<Instant> {
+        let p = &self.paths[i];
+        let u = self.uplink_of(i);
+        if !u.up {
+            return None;
+        }
+        let Some(last) = p.last_probe_at else {
+            return Some(p.created);
+        };
+        let fast = last + u.probe.fast_interval;
+        let slow = last + u.probe.backup_interval;
+        if self.search_until().is_some_and(|until| fast < until) {
+            return Some(fast);
+        }
+        let mut at = slow;
+        // A probe overdue: probe fast until answered or in distress, on any path. On the
+        // active path this catches one-way failures that inbound data hides; on a backup it
+        // tells a lost probe from an outage within the distress timeout.
+        if let Some(f) = p.first_unanswered_at {
+            at = at.min((f + p.probe_timeout(&u.probe)).max(fast));
+        }
+        if self.active == Some(i) {
+            // Traffic pending and the peer silent for a fast interval: probe fast.
+            if let Some(s) = p.silent_since {
+                at = at.min((s + u.probe.fast_interval).max(fast));
+            }
+        } else if self.active.is_some_and(|a| self.paths[a].unanswered >= 2) {
+            // The active path looks suspect: refresh the evidence on backups now, so a
+            // switch at distress goes to a path proven a moment ago.
+            at = at.min(fast);
+        }
+        Some(at)
+    }
+
+    /// When a better-ranked path becomes eligible to take over from a healthy active path.
+    fn upgrade_deadline(&self, i: usize) -> Option<Instant> {
+        if self.role != Role::Chooser {
+            return None;
+        }
+        let a = self.active?;
+        if a == i || !self.paths[a].is_healthy() {
+            return None;
+        }
+        let Health::Healthy { since } = self.paths[i].health else {
+            return None;
+        };
+        let hold = self.failover.failback_hold;
+        let (si, sa) = (self.score(i), self.score(a));
+        if si.tier < sa.tier {
+            Some(since + hold)
+        } else if si.tier == sa.tier {
+            self.paths[i]
+                .better_since
+                .map(|b| (b + hold).max(since + hold))
+        } else {
+            None
+        }
+    }
+
+    fn rtt_clearly_better(&self, candidate: usize, active: usize) -> bool {
+        let (Some(c), Some(a)) = (
+            self.paths[candidate].rtt.smoothed(),
+            self.paths[active].rtt.smoothed(),
+        ) else {
+            return false;
+        };
+        let margin = self.failover.rtt_switch_margin.max(a / 4);
+        c + margin < a
+    }
+
+    fn send_due_probes(&mut self, now: Instant) {
+        // A probe on one path can make another due (the active path turning suspect speeds
+        // up backups), so repeat until a pass sends nothing. Each path sends at most once per
+        // call: after a send its next probe is at least a fast interval away.
+        loop {
+            let mut sent = false;
+            for i in 0..self.paths.len() {
+                if self.next_probe_at(i).is_some_and(|due| due <= now) {
+                    self.send_probe(i, now);
+                    sent = true;
+                }
+            }
+            if !sent {
+                break;
+            }
+        }
+    }
+
+    fn send_probe(&mut self, i: usize, now: Instant) {
+        let id = ProbeId(self.next_probe_id);
+        self.next_probe_id += 1;
+        let nonce = self.nonces.next_nonce();
+        let distress_probes = self.failover.distress_probes;
+        let p = &mut self.paths[i];
+        p.record_probe(
+            Outstanding {
+                nonce,
+                sent_at: now,
+            },
+            distress_probes,
+        );
+        self.transmits.push_back(ProbeTransmit {
+            path: p.id,
+            probe_id: id,
+            nonce,
+        });
+    }
+
+    /// Applies distress deadlines, then the selection policy.
+    fn evaluate(&mut self, now: Instant) {
+        self.last_now = self.last_now.max(now);
+        for i in 0..self.paths.len() {
+            let u = *self.uplink_of(i);
+            let failover = self.failover;
+            let p = &mut self.paths[i];
+            p.expire_outstanding(now);
+            if !u.up {
+                continue;
+            }
+            if p.distress_deadline(&failover, &u.probe)
+                .is_some_and(|d| d <= now)
+            {
+                p.health = Health::Failed { at: now };
+                p.better_since = None;
+            }
+        }
+        self.select(now);
+        self.update_search(now);
+    }
+
+    fn best_healthy(&self, except: Option<usize>) -> Option<usize> {
+        (0..self.paths.len())
+            .filter(|&i| Some(i) != except && self.uplink_of(i).up && self.paths[i].is_healthy())
+            .min_by_key(|&i| self.score(i))
+    }
+
+    fn select(&mut self, now: Instant) {
+        let Some(a) = self.active else {
+            // No active path: any up uplink with a path gets traffic, proven ones first.
+            if let Some(p) = self.fallback_pick() {
+                let reason = if self.last_switch.is_none() {
+                    SwitchReason::Initial
+                } else {
+                    SwitchReason::Recovered
+                };
+                self.switch(Some(p), reason, now);
+            }
+            return;
+        };
+
+        if !self.uplink_of(a).up {
+            // Link down: move at once, to a proven path if there is one, else to the best
+            // path on any link still up (it is probed fast until proven).
+            let pick = self.fallback_pick();
+            self.switch(pick, SwitchReason::LinkDown, now);
+            return;
+        }
+
+        match self.paths[a].health {
+            Health::Failed { .. } => {
+                if let Some(c) = self.best_healthy(Some(a)) {
+                    self.switch(Some(c), SwitchReason::Distress, now);
+                }
+                // Otherwise stay: nothing better is proven; searching probes every path fast.
+            }
+            Health::Unproven => {
+                // A fresh path gets its chance: it is kept until it proves itself or fails.
+            }
+            // Upgrades are the chooser's call; a follower only leaves paths that fail.
+            Health::Healthy { .. } if self.role == Role::Chooser => self.consider_upgrade(a, now),
+            Health::Healthy { .. } => {}
+        }
+    }
+
+    /// Starts the fast search when the active path stops being proven, ends it when it is.
+    fn update_search(&mut self, now: Instant) {
+        match self.active {
+            Some(a) if self.paths[a].is_healthy() => self.search_until = None,
+            Some(_) => {
+                self.search_until.get_or_insert(now + SEARCH_FAST_WINDOW);
+            }
+            None => self.search_until = None,
+        }
+    }
+
+    fn consider_upgrade(&mut self, a: usize, now: Instant) {
+        let hold = self.failover.failback_hold;
+        let sa = self.score(a);
+        let mut best: Option<(Score, usize, SwitchReason)> = None;
+        for i in 0..self.paths.len() {
+            if i == a {
+                continue;
+            }
+            let up = self.uplink_of(i).up;
+            let Health::Healthy { since } = self.paths[i].health else {
+                self.paths[i].better_since = None;
+                continue;
+            };
+            if !up {
+                continue;
+            }
+            let si = self.score(i);
+            let eligible = if si.tier < sa.tier {
+                (now >= since + hold).then_some(SwitchReason::Failback)
+            } else if si.tier == sa.tier && self.rtt_clearly_better(i, a) {
+                let b = *self.paths[i].better_since.get_or_insert(now);
+                (now >= b + hold && now >= since + hold).then_some(SwitchReason::LowerRtt)
+            } else {
+                self.paths[i].better_since = None;
+                None
+            };
+            if let Some(reason) = eligible {
+                if best.is_none_or(|(s, _, _)| si < s) {
+                    best = Some((si, i, reason));
+                }
+            }
+        }
+        let Some((best_score, i, reason)) = best else {
+            return;
+        };
+        // Coalesce a staircase (tier 2 → tier 1 → tier 0 a moment later) into one switch: wait
+        // for a better-tier path that becomes eligible within a quarter of the hold time.
+        let coalesce = hold / 4;
+        let better_soon = (0..self.paths.len()).any(|j| {
+            let Health::Healthy { since } = self.paths[j].health else {
+                return false;
+            };
+            j != a
+                && self.uplink_of(j).up
+                && self.score(j).tier < best_score.tier
+                && since + hold > now
+                && since + hold <= now + coalesce
+        });
+        if !better_soon {
+            self.switch(Some(i), reason, now);
+        }
+    }
+
+    /// The best proven path, else the best path on a link that is up (failed ones last).
+    fn fallback_pick(&self) -> Option<usize> {
+        self.best_healthy(None).or_else(|| {
+            (0..self.paths.len())
+                .filter(|&i| self.uplink_of(i).up)
+                .min_by_key(|&i| {
+                    (
+                        matches!(self.paths[i].health, Health::Failed { .. }),
+                        self.score(i),
+                    )
+                })
+        })
+    }
+
+    fn switch(&mut self, to: Option<usize>, reason: SwitchReason, now: Instant) {
+        let from = self.active.map(|a| self.paths[a].id);
+        self.switch_from(from, to, reason, now);
+    }
+
+    fn switch_from(
+        &mut self,
+        from: Option<PathId>,
+        to: Option<usize>,
+        reason: SwitchReason,
+        now: Instant,
+    ) {
+        let to_id = to.map(|t| self.paths[t].id);
+        if from == to_id {
+            return;
+        }
+        self.active = to;
+        for p in &mut self.paths {
+            p.better_since = None;
+        }
+        if reason != SwitchReason::Initial {
+            self.switch_count += 1;
+        }
+        let record = SwitchRecord {
+            at: now,
+            from,
+            to: to_id,
+            reason,
+        };
+        self.last_switch = Some(record);
+        self.events.push_back(PathEvent::PathChanged {
+            from,
+            to: to_id,
+            reason,
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::path::{PathConfig, ProbeSettings, UplinkConfig, UplinkKind};
+    use std::net::SocketAddr;
+
+    fn ms(v: u64) -> Duration {
+        Duration::from_millis(v)
+    }
+
+    fn config(priorities: &[u8]) -> ValidPathConfig {
+        PathConfig {
+            uplinks: priorities
+                .iter()
+                .enumerate()
+                .map(|(i, &priority)| UplinkConfig {
+                    name: format!("up{i}"),
+                    interface: None,
+                    source_address: None,
+                    kind: UplinkKind::Terrestrial,
+                    priority,
+                    probe: ProbeSettings::default(),
+                })
+                .collect(),
+            failover: Default::default(),
+        }
+        .validate()
+        .expect("valid")
+    }
+
+    fn remote(port: u16, priority: u8) -> RemoteEndpoint {
+        RemoteEndpoint {
+            addr: SocketAddr::from(([198, 18, 0, 1], port)),
+            priority,
+        }
+    }
+
+    fn path(uplink: u8, port: u16) -> PathId {
+        PathId {
+            uplink: UplinkId(uplink),
+            remote: SocketAddr::from(([198, 18, 0, 1], port)),
+        }
+    }
+
+    /// Answers every pending probe after `rtt`, on the path it was sent on.
+    fn answer_all(agent: &mut PathAgent, now: Instant, rtt: Duration) {
+        let mut pending = Vec::new();
+        while let Some(tx) = agent.poll_transmit() {
+            pending.push(tx);
+        }
+        for tx in pending {
+            agent
+                .handle_probe_reply(tx.path, tx.nonce, now + rtt)
+                .expect("genuine reply");
+        }
+    }
+
+    #[test]
+    fn initial_choice_uses_both_tiers_and_is_announced() {
+        let t0 = Instant::now();
+        let mut agent = PathAgent::new(&config(&[1, 0]), &[remote(1, 1), remote(2, 0)], 7, t0);
+        assert_eq!(agent.active_path(), Some(path(1, 2)));
+        assert_eq!(
+            agent.poll_event(),
+            Some(PathEvent::PathChanged {
+                from: None,
+                to: Some(path(1, 2)),
+                reason: SwitchReason::Initial
+            })
+        );
+        assert_eq!(agent.switch_count(), 0);
+        // Every one of the four paths is probed at once, each with its own nonce.
+        assert_eq!(agent.poll_timeout(), Some(t0));
+        agent.handle_timeout(t0);
+        let mut probes = Vec::new();
+        while let Some(tx) = agent.poll_transmit() {
+            probes.push(tx);
+        }
+        assert_eq!(probes.len(), 4);
+        let mut nonces: Vec<u64> = probes.iter().map(|p| p.nonce).collect();
+        nonces.sort_unstable();
+        nonces.dedup();
+        assert_eq!(nonces.len(), 4);
+    }
+
+    #[test]
+    fn replies_that_match_nothing_change_nothing() {
+        let t0 = Instant::now();
+        let mut agent = PathAgent::new(&config(&[0, 1]), &[remote(1, 0)], 7, t0);
+        agent.handle_timeout(t0);
+        let a = agent.poll_transmit().expect("probe");
+        let b = agent.poll_transmit().expect("probe");
+        assert_eq!((a.path, b.path), (path(0, 1), path(1, 1)));
+        let later = t0 + ms(20);
+        assert_eq!(
+            agent.handle_probe_reply(path(0, 9), a.nonce, later),
+            Err(UnmatchedReply::UnknownPath)
+        );
+        assert_eq!(
+            agent.handle_probe_reply(a.path, b.nonce, later),
+            Err(UnmatchedReply::UnknownNonce),
+            "a nonce sent on another path does not prove this one"
+        );
+        assert_eq!(
+            agent.handle_probe_reply(a.path, a.nonce ^ 1, later),
+            Err(UnmatchedReply::UnknownNonce)
+        );
+        assert!(agent.path_stats().all(|s| s.health == PathHealth::Unproven));
+        assert_eq!(agent.handle_probe_reply(a.path, a.nonce, later), Ok(ms(20)));
+        assert_eq!(
+            agent.handle_probe_reply(a.path, a.nonce, later),
+            Err(UnmatchedReply::UnknownNonce),
+            "a replayed reply is not counted twice"
+        );
+        agent.handle_link_event(UplinkId(1), LinkState::Down, later);
+        assert_eq!(
+            agent.handle_probe_reply(b.path, b.nonce, later),
+            Err(UnmatchedReply::LinkDown)
+        );
+        let stats: Vec<_> = agent.path_stats().collect();
+        assert_eq!(stats[0].health, PathHealth::Healthy);
+        assert_eq!(stats[0].replies_received, 1);
+        assert_eq!(stats[1].health, PathHealth::LinkDown);
+    }
+
+    #[test]
+    fn removing_the_active_endpoint_moves_traffic_at_once() {
+        let t0 = Instant::now();
+        let mut agent = PathAgent::new(&config(&[0]), &[remote(1, 0), remote(2, 1)], 7, t0);
+        agent.handle_timeout(t0);
+        answer_all(&mut agent, t0, ms(30));
+        assert_eq!(agent.active_path(), Some(path(0, 1)));
+        while agent.poll_event().is_some() {}
+        let t1 = t0 + ms(100);
+        agent.set_remote_endpoints(&[remote(2, 1)], t1);
+        assert_eq!(
+            agent.poll_event(),
+            Some(PathEvent::PathChanged {
+                from: Some(path(0, 1)),
+                to: Some(path(0, 2)),
+                reason: SwitchReason::EndpointRemoved
+            })
+        );
+        assert_eq!(agent.poll_event(), None);
+        assert_eq!(agent.active_path(), Some(path(0, 2)));
+        // The surviving path kept its proof and its RTT.
+        let s = agent.path_stats().next().expect("one path");
+        assert_eq!(s.health, PathHealth::Healthy);
+        assert_eq!(s.smoothed_rtt, Some(ms(30)));
+    }
+
+    #[test]
+    fn poll_timeout_is_always_in_the_future_after_handle_timeout() {
+        let t0 = Instant::now();
+        let mut agent = PathAgent::new(&config(&[0, 1, 2]), &[remote(1, 0)], 7, t0);
+        let mut now = t0;
+        for step in 0..2_000u32 {
+            let Some(t) = agent.poll_timeout() else {
+                panic!("an agent with uplinks up always has a timer")
+            };
+            assert!(t >= now);
+            now = t;
+            agent.handle_timeout(now);
+            // Answer only uplink 2, and only on even steps: a lossy mess, never a busy loop.
+            while let Some(tx) = agent.poll_transmit() {
+                if tx.path.uplink == UplinkId(2) && step % 2 == 0 {
+                    let _ = agent.handle_probe_reply(tx.path, tx.nonce, now + ms(5));
+                }
+            }
+            assert!(agent.poll_timeout().is_none_or(|t| t > now));
+        }
+        assert!(
+            now - t0 > Duration::from_secs(60),
+            "time advanced: {:?}",
+            now - t0
+        );
+    }
+}

@@ -1,0 +1,377 @@
+//! Every `unsafe` syscall of the agent lives here: the TUN device (`/dev/net/tun` ioctls),
+//! epoll, eventfd, signalfd, and UDP sockets with options that must be set before `bind`
+//! (`IPV6_V6ONLY`) or that std does not expose (`SO_MARK`). Raw ioctls rather than the `tun`
+//! crate so that the fast path can add `IFF_VNET_HDR`/`TUNSETOFFLOAD` later.
+
+use std::ffi::CString;
+use std::io;
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+fn ifreq_with_name(name: &str) -> io::Result<libc::ifreq> {
+    let bytes = name.as_bytes();
+    if bytes.is_empty() || bytes.len() >= libc::IFNAMSIZ || bytes.contains(&0) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "interface name must be 1-15 bytes without NUL",
+        ));
+    }
+    // SAFETY: ifreq is a plain C struct (names and a union of integers); all-zero is valid.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in ifr.ifr_name.iter_mut().zip(bytes) {
+        *dst = *src as libc::c_char;
+    }
+    Ok(ifr)
+}
+
+/// A TUN device (`IFF_TUN | IFF_NO_PI`), non-blocking. The interface disappears when this is
+/// dropped (it is not made persistent).
+#[derive(Debug)]
+pub(crate) struct Tun {
+    fd: OwnedFd,
+}
+
+impl Tun {
+    /// Creates (or attaches to) TUN interface `name`.
+    pub(crate) fn create(name: &str) -> io::Result<Tun> {
+        let path = CString::new("/dev/net/tun").map_err(io::Error::other)?;
+        // SAFETY: path is a valid NUL-terminated string; the flags are plain integers.
+        let raw = cvt(unsafe {
+            libc::open(
+                path.as_ptr(),
+                libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC,
+            )
+        })?;
+        // SAFETY: `raw` was just returned by open() and is owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let mut ifr = ifreq_with_name(name)?;
+        ifr.ifr_ifru.ifru_flags = (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short;
+        // SAFETY: TUNSETIFF reads and writes an ifreq, which `ifr` is, and lives across the call.
+        cvt(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, &mut ifr) })?;
+        Ok(Tun { fd })
+    }
+
+    /// Reads one packet; `WouldBlock` when none is queued.
+    #[inline]
+    pub(crate) fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        // SAFETY: buf is valid for writes of buf.len() bytes for the duration of the call.
+        let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+
+    /// Writes one packet.
+    #[inline]
+    pub(crate) fn write(&self, pkt: &[u8]) -> io::Result<usize> {
+        // SAFETY: pkt is valid for reads of pkt.len() bytes for the duration of the call.
+        let n = unsafe { libc::write(self.fd.as_raw_fd(), pkt.as_ptr().cast(), pkt.len()) };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+
+    pub(crate) fn raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+/// Sets the MTU of interface `name` (SIOCSIFMTU).
+pub(crate) fn set_mtu(name: &str, mtu: u32) -> io::Result<()> {
+    let sock = UdpSocket::bind("127.0.0.1:0").or_else(|_| UdpSocket::bind("[::1]:0"))?;
+    let mut ifr = ifreq_with_name(name)?;
+    ifr.ifr_ifru.ifru_mtu = libc::c_int::try_from(mtu).map_err(io::Error::other)?;
+    // SAFETY: SIOCSIFMTU reads an ifreq, which `ifr` is, valid across the call.
+    cvt(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFMTU, &ifr) })?;
+    Ok(())
+}
+
+/// Level-triggered epoll over file descriptors identified by a `u64` token.
+#[derive(Debug)]
+pub(crate) struct Epoll {
+    fd: OwnedFd,
+}
+
+impl Epoll {
+    pub(crate) fn new() -> io::Result<Epoll> {
+        // SAFETY: plain syscall with a flag argument.
+        let raw = cvt(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?;
+        // SAFETY: raw is a fresh fd owned by nobody else.
+        Ok(Epoll {
+            fd: unsafe { OwnedFd::from_raw_fd(raw) },
+        })
+    }
+
+    pub(crate) fn add(&self, fd: RawFd, token: u64) -> io::Result<()> {
+        let mut ev = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: token,
+        };
+        // SAFETY: ev is a valid epoll_event that outlives the call.
+        cvt(unsafe { libc::epoll_ctl(self.fd.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) })?;
+        Ok(())
+    }
+
+    pub(crate) fn delete(&self, fd: RawFd) -> io::Result<()> {
+        let mut ev = libc::epoll_event { events: 0, u64: 0 };
+        // SAFETY: ev is valid (ignored by the kernel for DEL, required non-null by old kernels).
+        cvt(unsafe { libc::epoll_ctl(self.fd.as_raw_fd(), libc::EPOLL_CTL_DEL, fd, &mut ev) })?;
+        Ok(())
+    }
+
+    /// Waits up to `timeout_ms` (-1 = forever); returns how many entries of `events` are filled.
+    pub(crate) fn wait(
+        &self,
+        events: &mut [libc::epoll_event],
+        timeout_ms: i32,
+    ) -> io::Result<usize> {
+        let max = libc::c_int::try_from(events.len()).unwrap_or(libc::c_int::MAX);
+        // SAFETY: events is valid for `max` entries for the duration of the call.
+        let n =
+            unsafe { libc::epoll_wait(self.fd.as_raw_fd(), events.as_mut_ptr(), max, timeout_ms) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                return Ok(0);
+            }
+            return Err(e);
+        }
+        Ok(n as usize)
+    }
+}
+
+/// An eventfd used to wake the data-plane thread from the control thread.
+#[derive(Debug)]
+pub(crate) struct EventFd {
+    fd: OwnedFd,
+}
+
+impl EventFd {
+    pub(crate) fn new() -> io::Result<EventFd> {
+        // SAFETY: plain syscall with integer arguments.
+        let raw = cvt(unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) })?;
+        // SAFETY: raw is a fresh fd owned by nobody else.
+        Ok(EventFd {
+            fd: unsafe { OwnedFd::from_raw_fd(raw) },
+        })
+    }
+
+    pub(crate) fn notify(&self) -> io::Result<()> {
+        let one: u64 = 1;
+        // SAFETY: writes the 8 bytes of `one`, which lives across the call.
+        let n = unsafe { libc::write(self.fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    pub(crate) fn drain(&self) {
+        let mut v: u64 = 0;
+        // SAFETY: reads at most 8 bytes into `v`, which lives across the call. A failed read
+        // (EAGAIN: nothing pending) is fine.
+        let _ = unsafe { libc::read(self.fd.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+    }
+
+    pub(crate) fn raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+/// SIGTERM/SIGINT delivered as a readable fd. [`SignalFd::block_signals`] must run in the main
+/// thread before any other thread is spawned, so that every thread inherits the mask.
+#[derive(Debug)]
+pub(crate) struct SignalFd {
+    fd: OwnedFd,
+}
+
+fn shutdown_sigset() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it as documented.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        set
+    }
+}
+
+impl SignalFd {
+    pub(crate) fn block_signals() -> io::Result<()> {
+        let set = shutdown_sigset();
+        // SAFETY: set is initialised; the old mask is not needed (null).
+        let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+        if rc != 0 {
+            return Err(io::Error::from_raw_os_error(rc));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn new() -> io::Result<SignalFd> {
+        let set = shutdown_sigset();
+        // SAFETY: set is initialised; -1 asks for a new fd.
+        let raw = cvt(unsafe { libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC) })?;
+        // SAFETY: raw is a fresh fd owned by nobody else.
+        Ok(SignalFd {
+            fd: unsafe { OwnedFd::from_raw_fd(raw) },
+        })
+    }
+
+    /// The pending signal number, if any.
+    pub(crate) fn read(&self) -> Option<u32> {
+        // SAFETY: signalfd_siginfo is plain data; all-zero is valid.
+        let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+        let size = std::mem::size_of::<libc::signalfd_siginfo>();
+        // SAFETY: reads at most `size` bytes into `info`, which lives across the call.
+        let n = unsafe {
+            libc::read(
+                self.fd.as_raw_fd(),
+                (&mut info as *mut libc::signalfd_siginfo).cast(),
+                size,
+            )
+        };
+        (n as usize == size).then_some(info.ssi_signo)
+    }
+
+    pub(crate) fn raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+fn setsockopt_int(
+    fd: RawFd,
+    level: libc::c_int,
+    opt: libc::c_int,
+    v: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: passes a pointer to a c_int that lives across the call, with its exact size.
+    cvt(unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            opt,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    })?;
+    Ok(())
+}
+
+/// Sets `SO_MARK` (0 clears it).
+pub(crate) fn set_mark(sock: &UdpSocket, mark: u32) -> io::Result<()> {
+    setsockopt_int(
+        sock.as_raw_fd(),
+        libc::SOL_SOCKET,
+        libc::SO_MARK,
+        mark as libc::c_int,
+    )
+}
+
+/// A non-blocking UDP socket bound to `addr`; IPv6 sockets are `IPV6_V6ONLY` so that an IPv4
+/// socket can share the port. Socket buffers are enlarged (best effort) for bursts.
+pub(crate) fn udp_socket(addr: SocketAddr, mark: u32) -> io::Result<UdpSocket> {
+    let domain = match addr {
+        SocketAddr::V4(_) => libc::AF_INET,
+        SocketAddr::V6(_) => libc::AF_INET6,
+    };
+    // SAFETY: plain syscall with integer arguments.
+    let raw = cvt(unsafe {
+        libc::socket(
+            domain,
+            libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    })?;
+    // SAFETY: raw is a fresh socket owned by nobody else; UdpSocket takes ownership.
+    let sock = unsafe { UdpSocket::from_raw_fd(raw) };
+    let fd = sock.as_raw_fd();
+    if addr.is_ipv6() {
+        setsockopt_int(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 1)?;
+    }
+    if mark != 0 {
+        set_mark(&sock, mark)?;
+    }
+    for opt in [libc::SO_RCVBUF, libc::SO_SNDBUF] {
+        // Best effort: the kernel caps it at rmem_max/wmem_max.
+        let _ = setsockopt_int(fd, libc::SOL_SOCKET, opt, 4 << 20);
+    }
+    let (storage, len) = sockaddr_of(addr);
+    // SAFETY: storage holds a sockaddr_in/sockaddr_in6 of `len` bytes, valid across the call.
+    cvt(unsafe { libc::bind(fd, (&storage as *const libc::sockaddr_storage).cast(), len) })?;
+    Ok(sock)
+}
+
+fn sockaddr_of(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: sockaddr_storage is plain data; all-zero is valid.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    match addr {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
+            unsafe {
+                std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin);
+            }
+            (
+                storage,
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: a.flowinfo(),
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: a.scope_id(),
+            };
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
+            unsafe {
+                std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin6);
+            }
+            (
+                storage,
+                std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+            )
+        }
+    }
+}
+
+/// The index of interface `name` (`if_nametoindex`).
+pub(crate) fn if_index(name: &str) -> io::Result<u32> {
+    let c = CString::new(name).map_err(io::Error::other)?;
+    // SAFETY: c is a valid NUL-terminated string for the duration of the call.
+    let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if idx == 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(idx)
+    }
+}
+
+/// Sends SIGTERM to `pid`.
+pub(crate) fn terminate(pid: i32) -> io::Result<()> {
+    // SAFETY: kill() has no memory-safety preconditions.
+    cvt(unsafe { libc::kill(pid, libc::SIGTERM) })?;
+    Ok(())
+}

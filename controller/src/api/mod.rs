@@ -1,0 +1,198 @@
+//! The HTTP API (axum). Handlers are thin: parse, authorise, call the store or a pure module,
+//! map errors. Every route is registered through `utoipa_axum::routes!`, so a route cannot
+//! exist without its OpenAPI operation (and a test checks the document against the router).
+
+mod admin;
+mod extract;
+mod node;
+mod system;
+
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::{Extension, Router};
+use ed25519_dalek::SigningKey;
+use skymesh_proto::ControllerPublicKey;
+use tokio::sync::Mutex;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+pub use admin::{CreateEnrollmentKey, CreatedEnrollmentKey, PatchNode};
+
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::netmap::Topology;
+use crate::policy::Policy;
+use crate::store::Store;
+use crate::Clock;
+
+/// Everything handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Store,
+    pub signing_key: Arc<SigningKey>,
+    pub policy: Policy,
+    pub mtu: u16,
+    pub max_body_bytes: usize,
+    pub metrics: Arc<Metrics>,
+    pub clock: Clock,
+    /// The last topology snapshot, reused while the serial is unchanged.
+    topology: Arc<Mutex<Option<Arc<Topology>>>>,
+}
+
+impl AppState {
+    pub fn new(
+        store: Store,
+        signing_key: SigningKey,
+        policy: Policy,
+        mtu: u16,
+        max_body_bytes: usize,
+        clock: Clock,
+    ) -> Self {
+        Self {
+            store,
+            signing_key: Arc::new(signing_key),
+            policy,
+            mtu,
+            max_body_bytes,
+            metrics: Arc::new(Metrics::default()),
+            clock,
+            topology: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    pub fn controller_public_key(&self) -> ControllerPublicKey {
+        ControllerPublicKey(self.signing_key.verifying_key())
+    }
+
+    /// The current topology, from cache if the serial has not moved.
+    pub async fn topology(&self) -> Result<Arc<Topology>, ApiError> {
+        let serial = self.store.serial().await?;
+        let mut cache = self.topology.lock().await;
+        if let Some(t) = cache.as_ref().filter(|t| t.serial == serial) {
+            return Ok(Arc::clone(t));
+        }
+        let (serial, nodes) = self.store.topology_snapshot().await?;
+        self.metrics
+            .topology_loads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let pools = self.store.pools();
+        let t = Arc::new(Topology {
+            serial,
+            mtu: self.mtu,
+            v4_prefix_len: pools.v4.prefix_len(),
+            v6_prefix_len: pools.v6.prefix_len(),
+            policy: self.policy.clone(),
+            nodes,
+        });
+        *cache = Some(Arc::clone(&t));
+        Ok(t)
+    }
+}
+
+struct SecuritySchemes;
+
+impl Modify for SecuritySchemes {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        for (name, what) in [
+            ("admin_token", "Admin or read-only API token (`sma_…`), from `skymesh-controller admin-token create`."),
+            ("node_credential", "Node credential (`smn_…`) returned once by `POST /api/v1/register`."),
+        ] {
+            components.add_security_scheme(
+                name,
+                SecurityScheme::Http(
+                    HttpBuilder::new()
+                        .scheme(HttpAuthScheme::Bearer)
+                        .description(Some(what))
+                        .build(),
+                ),
+            );
+        }
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "skymesh controller API",
+        description = "Enrollment, IPAM, policy and signed netmaps for the skymesh WireGuard overlay. \
+                       Every error is `{\"error\": {\"code\", \"message\"}}`."
+    ),
+    modifiers(&SecuritySchemes),
+    components(schemas(crate::error::ErrorBody)),
+    tags(
+        (name = "system", description = "Health, metrics, this document"),
+        (name = "enrollment", description = "Enrollment keys (admin)"),
+        (name = "nodes", description = "Node management (admin)"),
+        (name = "node", description = "Node-facing: registration and netmaps"),
+        (name = "audit", description = "Hash-chained audit log"),
+    )
+)]
+struct ApiDoc;
+
+fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(system::healthz))
+        .routes(routes!(system::metrics))
+        .routes(routes!(system::openapi_json))
+        .routes(routes!(
+            admin::create_enrollment_key,
+            admin::list_enrollment_keys
+        ))
+        .routes(routes!(admin::revoke_enrollment_key))
+        .routes(routes!(node::register))
+        .routes(routes!(node::netmap))
+        .routes(routes!(admin::list_nodes))
+        .routes(routes!(admin::node, admin::patch_node, admin::delete_node))
+        .routes(routes!(admin::revoke_node))
+        .routes(routes!(admin::audit_log))
+        .routes(routes!(admin::audit_verify))
+}
+
+/// The OpenAPI document for every route of [`app`].
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    routes().into_openapi()
+}
+
+async fn count_responses(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let resp = next.run(req).await;
+    state.metrics.record_status(resp.status().as_u16());
+    resp
+}
+
+async fn route_not_found() -> ApiError {
+    ApiError::new(
+        axum::http::StatusCode::NOT_FOUND,
+        "route_not_found",
+        "no such endpoint; see /api/v1/openapi.json",
+    )
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        axum::http::StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "method not allowed on this endpoint; see /api/v1/openapi.json",
+    )
+}
+
+/// The complete application.
+pub fn app(state: AppState) -> Router {
+    let (router, doc) = routes().split_for_parts();
+    let doc_json = Arc::new(doc.to_pretty_json().unwrap_or_default());
+    router
+        .fallback(route_not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(Extension(system::OpenApiJson(doc_json)))
+        .layer(DefaultBodyLimit::max(state.max_body_bytes))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            count_responses,
+        ))
+        .with_state(state)
+}

@@ -1,0 +1,56 @@
+//! Health, metrics and the OpenAPI document.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::{Extension, Json};
+use serde::Serialize;
+
+use super::AppState;
+use crate::error::ApiError;
+
+#[derive(Clone)]
+pub(super) struct OpenApiJson(pub(super) Arc<String>);
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub(super) struct Health {
+    status: &'static str,
+    serial: u64,
+}
+
+/// Liveness and database reachability.
+#[utoipa::path(get, path = "/healthz", tag = "system",
+    responses((status = 200, body = Health), (status = 500, body = crate::error::ErrorBody)))]
+pub(super) async fn healthz(State(state): State<AppState>) -> Result<Json<Health>, ApiError> {
+    let serial = state.store.serial().await?;
+    Ok(Json(Health {
+        status: "ok",
+        serial,
+    }))
+}
+
+/// Prometheus metrics (text exposition format).
+#[utoipa::path(get, path = "/metrics", tag = "system",
+    responses((status = 200, content_type = "text/plain; version=0.0.4", body = String)))]
+pub(super) async fn metrics(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
+    let stats = state.store.stats().await?;
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.render(&stats),
+    ))
+}
+
+/// This document (OpenAPI 3.1).
+#[utoipa::path(get, path = "/api/v1/openapi.json", tag = "system",
+    responses((status = 200, content_type = "application/json", body = Object)))]
+pub(super) async fn openapi_json(Extension(doc): Extension<OpenApiJson>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        doc.0.as_str().to_owned(),
+    )
+}

@@ -1,0 +1,214 @@
+//! Controller configuration: YAML file, overridden by `SKYMESH_*` environment variables and
+//! command-line flags (flags win). Everything is parsed into typed values at load and checked
+//! once by [`Config::validate`]; errors name the file and the field.
+
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use ipnet::{Ipv4Net, Ipv6Net};
+use serde::Deserialize;
+
+use crate::policy::PolicyConfig;
+
+/// Starlink (and carrier-grade NAT in general) uses 100.64.0.0/10; the overlay must not.
+pub const CGNAT: Ipv4Net = Ipv4Net::new_assert(Ipv4Addr::new(100, 64, 0, 0), 10);
+
+/// Default overlay: a /16 from 10/8 that is rarely used by site LANs, and a ULA /64.
+pub const DEFAULT_OVERLAY_V4: Ipv4Net = Ipv4Net::new_assert(Ipv4Addr::new(10, 77, 0, 0), 16);
+pub const DEFAULT_OVERLAY_V6: Ipv6Net =
+    Ipv6Net::new_assert(Ipv6Addr::new(0xfd7a, 0x5c3e, 0x77, 0, 0, 0, 0, 0), 64);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: serde_yaml::Error,
+    },
+    #[error("invalid `{field}`: {message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+}
+
+fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        message: message.into(),
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address the HTTP API listens on.
+    pub listen: SocketAddr,
+    /// Directory holding the SQLite database and the controller's signing key.
+    pub data_dir: PathBuf,
+    pub overlay: OverlayConfig,
+    /// MTU handed to agents for the overlay interface (WireGuard over IPv6 needs 80 bytes).
+    pub mtu: u16,
+    /// Largest request body accepted, in bytes.
+    pub max_body_bytes: usize,
+    pub policy: PolicyConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OverlayConfig {
+    pub ipv4: Ipv4Net,
+    pub ipv6: Ipv6Net,
+}
+
+impl Default for OverlayConfig {
+    fn default() -> Self {
+        Self {
+            ipv4: DEFAULT_OVERLAY_V4,
+            ipv6: DEFAULT_OVERLAY_V6,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data_dir: PathBuf::from("/var/lib/skymesh-controller"),
+            overlay: OverlayConfig::default(),
+            mtu: 1380,
+            max_body_bytes: 64 * 1024,
+            policy: PolicyConfig::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Parses YAML text; `origin` names the source in errors.
+    pub fn from_yaml(text: &str, origin: &Path) -> Result<Self, ConfigError> {
+        let cfg: Config = serde_yaml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: origin.to_owned(),
+            source,
+        })?;
+        Ok(cfg)
+    }
+
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_yaml(&text, path)
+    }
+
+    /// Checks the invariants the rest of the controller relies on.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let v4 = self.overlay.ipv4;
+        if v4 != v4.trunc() {
+            return Err(invalid(
+                "overlay.ipv4",
+                format!("{v4} has host bits set; did you mean {}?", v4.trunc()),
+            ));
+        }
+        if v4.prefix_len() > 30 {
+            return Err(invalid(
+                "overlay.ipv4",
+                format!("{v4} is too small; use /30 or larger"),
+            ));
+        }
+        if v4.contains(&CGNAT.network()) || CGNAT.contains(&v4.network()) {
+            return Err(invalid(
+                "overlay.ipv4",
+                format!("{v4} overlaps {CGNAT}, the carrier-grade NAT range Starlink uses"),
+            ));
+        }
+        let v6 = self.overlay.ipv6;
+        if v6 != v6.trunc() {
+            return Err(invalid(
+                "overlay.ipv6",
+                format!("{v6} has host bits set; did you mean {}?", v6.trunc()),
+            ));
+        }
+        let ula = Ipv6Net::new_assert(Ipv6Addr::new(0xfc00, 0, 0, 0, 0, 0, 0, 0), 7);
+        if !ula.contains(&v6) {
+            return Err(invalid(
+                "overlay.ipv6",
+                format!("{v6} is not a unique local (fc00::/7) prefix"),
+            ));
+        }
+        if v6.prefix_len() > 120 {
+            return Err(invalid(
+                "overlay.ipv6",
+                format!("{v6} is too small; use /120 or larger"),
+            ));
+        }
+        if !(1280..=9000).contains(&self.mtu) {
+            return Err(invalid(
+                "mtu",
+                format!(
+                    "{} is outside 1280..=9000 (IPv6 needs at least 1280)",
+                    self.mtu
+                ),
+            ));
+        }
+        if !(1024..=16 * 1024 * 1024).contains(&self.max_body_bytes) {
+            return Err(invalid(
+                "max_body_bytes",
+                format!("{} is outside 1024..=16777216", self.max_body_bytes),
+            ));
+        }
+        self.policy
+            .validate()
+            .map_err(|message| invalid("policy.rules", message))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(y: &str) -> Result<Config, ConfigError> {
+        let c = Config::from_yaml(y, Path::new("test.yaml"))?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    #[test]
+    fn defaults_are_valid_and_stay_clear_of_cgnat() {
+        let c = parse("{}").expect("defaults");
+        assert_eq!(c, Config::default());
+        assert!(!c.overlay.ipv4.contains(&Ipv4Addr::new(100, 64, 0, 1)));
+    }
+
+    #[test]
+    fn an_overlay_overlapping_cgnat_is_refused_naming_the_field() {
+        for net in ["100.64.0.0/16", "100.0.0.0/8", "100.127.255.0/24"] {
+            let e = parse(&format!("overlay: {{ ipv4: {net} }}")).expect_err(net);
+            assert!(e.to_string().contains("overlay.ipv4"), "{e}");
+            assert!(e.to_string().contains("100.64.0.0/10"), "{e}");
+        }
+        parse("overlay: { ipv4: 100.128.0.0/16 }").expect("just outside CGNAT is fine");
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_values_are_refused_with_the_field_named() {
+        let e = parse("overlay: { ipv4: 10.0.0.0/8, ipv7: x }").expect_err("unknown");
+        assert!(e.to_string().contains("ipv7"), "{e}");
+        let e = parse("overlay: { ipv4: not-a-cidr }").expect_err("bad cidr");
+        assert!(e.to_string().contains("overlay"), "{e}");
+        let e = parse("mtu: 100").expect_err("mtu");
+        assert!(e.to_string().contains("`mtu`"), "{e}");
+        let e = parse("overlay: { ipv6: 2001:db8::/64 }").expect_err("not ula");
+        assert!(e.to_string().contains("overlay.ipv6"), "{e}");
+        let e = parse("overlay: { ipv4: 10.77.0.1/16 }").expect_err("host bits");
+        assert!(e.to_string().contains("10.77.0.0/16"), "{e}");
+        let e = parse("policy: { rules: [ { from: [], to: [x] } ] }").expect_err("empty");
+        assert!(e.to_string().contains("policy.rules"), "{e}");
+    }
+}

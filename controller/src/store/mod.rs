@@ -1,0 +1,312 @@
+//! Persistence. Domain types here are backend-neutral; all SQL lives in one file per backend.
+//!
+//! [`Store`] is an enum over backends so PostgreSQL can be added as a second variant without
+//! touching callers. Every mutation runs in one write transaction that also bumps the topology
+//! `serial` (when netmaps can change) and appends to the audit chain, so a crash leaves either
+//! all of a change or none of it.
+
+mod sqlite;
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::path::Path;
+
+use ipnet::IpNet;
+use serde::Serialize;
+use skymesh_proto::{Endpoint, NodeId, NodeState, RegisterRequest, WgPublicKey};
+
+pub use sqlite::{SqliteStore, DB_FILE};
+
+use crate::audit::{AuditEntry, ChainHead};
+use crate::ipam::Pools;
+use crate::netmap::TopoNode;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{0}")]
+    NotFound(&'static str),
+    #[error("unknown enrollment key")]
+    InvalidEnrollmentKey,
+    #[error("enrollment key has been revoked")]
+    EnrollmentKeyRevoked,
+    #[error("enrollment key has expired")]
+    EnrollmentKeyExpired,
+    #[error("enrollment key has no uses left")]
+    EnrollmentKeyUsedUp,
+    #[error("a node with this public key is already registered")]
+    DuplicatePublicKey,
+    #[error("node is revoked; register it again with a new key")]
+    NodeRevoked,
+    #[error("route {0} was not advertised by the node")]
+    RouteNotAdvertised(IpNet),
+    #[error("overlay address pool exhausted")]
+    PoolExhausted,
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("stored data is inconsistent: {0}")]
+    Corrupt(String),
+    #[error("{0}")]
+    Config(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Scope {
+    Admin,
+    ReadOnly,
+}
+
+impl Scope {
+    fn as_str(self) -> &'static str {
+        match self {
+            Scope::Admin => "admin",
+            Scope::ReadOnly => "read_only",
+        }
+    }
+}
+
+/// Who made a change, as written to the audit log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Actor(pub String);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewEnrollmentKey {
+    pub description: String,
+    pub reusable: bool,
+    pub max_uses: Option<u32>,
+    pub expires_at: Option<u64>,
+    pub tags: Vec<String>,
+    pub auto_approve: bool,
+    pub node_ttl_secs: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct EnrollmentKeyInfo {
+    pub id: u64,
+    pub description: String,
+    pub reusable: bool,
+    /// `null`: unlimited (reusable keys only).
+    pub max_uses: Option<u32>,
+    pub uses: u32,
+    /// Unix seconds.
+    pub expires_at: Option<u64>,
+    pub tags: Vec<String>,
+    pub auto_approve: bool,
+    /// Nodes registered with this key expire this many seconds after registering.
+    pub node_ttl_secs: Option<u64>,
+    pub created_at: u64,
+    pub revoked_at: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct NodeRecord {
+    pub id: NodeId,
+    pub name: String,
+    pub public_key: WgPublicKey,
+    pub state: NodeState,
+    #[schema(value_type = String)]
+    pub ipv4: Ipv4Addr,
+    #[schema(value_type = String)]
+    pub ipv6: Ipv6Addr,
+    pub tags: Vec<String>,
+    pub endpoints: Vec<Endpoint>,
+    #[schema(value_type = Vec<String>)]
+    pub advertised_routes: Vec<IpNet>,
+    #[schema(value_type = Vec<String>)]
+    pub approved_routes: Vec<IpNet>,
+    pub enrollment_key_id: Option<u64>,
+    pub created_at: u64,
+    pub expires_at: Option<u64>,
+}
+
+impl NodeRecord {
+    pub fn to_topo(&self) -> TopoNode {
+        TopoNode {
+            name: self.name.clone(),
+            public_key: self.public_key,
+            ipv4: self.ipv4,
+            ipv6: self.ipv6,
+            state: self.state,
+            tags: self.tags.clone(),
+            endpoints: self.endpoints.clone(),
+            approved_routes: self.approved_routes.clone(),
+            expires_at: self.expires_at,
+        }
+    }
+}
+
+/// What an authenticated node credential maps to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeAuth {
+    pub id: NodeId,
+    pub state: NodeState,
+    pub expires_at: Option<u64>,
+}
+
+/// An admin's changes to a node; `None` leaves a field alone.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodePatch {
+    pub name: Option<String>,
+    pub tags: Option<Vec<String>>,
+    pub approve: bool,
+    pub approved_routes: Option<Vec<IpNet>>,
+    pub expires_at: Option<Option<u64>>,
+}
+
+/// Counts for the metrics endpoint.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub serial: u64,
+    pub pending: u64,
+    pub approved: u64,
+    pub revoked: u64,
+    pub enrollment_keys: u64,
+    pub audit_entries: u64,
+}
+
+/// Options fixed when the store is opened.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    pub pools: Pools,
+    /// Stored; a change across restarts bumps the serial (netmaps depend on policy).
+    pub policy_fingerprint: String,
+}
+
+/// A persistence backend.
+#[derive(Debug, Clone)]
+pub enum Store {
+    Sqlite(SqliteStore),
+}
+
+macro_rules! delegate {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self {
+            Store::Sqlite($s) => $e,
+        }
+    };
+}
+
+impl Store {
+    /// Opens (creating and migrating if needed) the SQLite database in `data_dir`.
+    pub async fn open_sqlite(data_dir: &Path, opts: &StoreOptions) -> Result<Self, StoreError> {
+        Ok(Store::Sqlite(SqliteStore::open(data_dir, opts).await?))
+    }
+
+    pub fn pools(&self) -> Pools {
+        delegate!(self, s => s.pools())
+    }
+
+    pub async fn create_admin_token(
+        &self,
+        actor: &Actor,
+        scope: Scope,
+        now: u64,
+    ) -> Result<(u64, String), StoreError> {
+        delegate!(self, s => s.create_admin_token(actor, scope, now).await)
+    }
+
+    pub async fn admin_token(&self, hash: &[u8; 32]) -> Result<Option<(u64, Scope)>, StoreError> {
+        delegate!(self, s => s.admin_token(hash).await)
+    }
+
+    pub async fn create_enrollment_key(
+        &self,
+        actor: &Actor,
+        key: &NewEnrollmentKey,
+        now: u64,
+    ) -> Result<(EnrollmentKeyInfo, String), StoreError> {
+        delegate!(self, s => s.create_enrollment_key(actor, key, now).await)
+    }
+
+    pub async fn enrollment_keys(&self) -> Result<Vec<EnrollmentKeyInfo>, StoreError> {
+        delegate!(self, s => s.enrollment_keys().await)
+    }
+
+    pub async fn revoke_enrollment_key(
+        &self,
+        actor: &Actor,
+        id: u64,
+        now: u64,
+    ) -> Result<EnrollmentKeyInfo, StoreError> {
+        delegate!(self, s => s.revoke_enrollment_key(actor, id, now).await)
+    }
+
+    /// Checks and consumes the enrollment key, allocates addresses and inserts the node, all
+    /// in one write transaction. Returns the node and its credential (shown once).
+    pub async fn register(
+        &self,
+        req: &RegisterRequest,
+        now: u64,
+    ) -> Result<(NodeRecord, String), StoreError> {
+        delegate!(self, s => s.register(req, now).await)
+    }
+
+    pub async fn node_by_credential(
+        &self,
+        hash: &[u8; 32],
+    ) -> Result<Option<NodeAuth>, StoreError> {
+        delegate!(self, s => s.node_by_credential(hash).await)
+    }
+
+    pub async fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        delegate!(self, s => s.nodes().await)
+    }
+
+    pub async fn node(&self, id: NodeId) -> Result<NodeRecord, StoreError> {
+        delegate!(self, s => s.node(id).await)
+    }
+
+    pub async fn patch_node(
+        &self,
+        actor: &Actor,
+        id: NodeId,
+        patch: &NodePatch,
+        now: u64,
+    ) -> Result<NodeRecord, StoreError> {
+        delegate!(self, s => s.patch_node(actor, id, patch, now).await)
+    }
+
+    pub async fn revoke_node(
+        &self,
+        actor: &Actor,
+        id: NodeId,
+        now: u64,
+    ) -> Result<NodeRecord, StoreError> {
+        delegate!(self, s => s.revoke_node(actor, id, now).await)
+    }
+
+    pub async fn delete_node(&self, actor: &Actor, id: NodeId, now: u64) -> Result<(), StoreError> {
+        delegate!(self, s => s.delete_node(actor, id, now).await)
+    }
+
+    pub async fn serial(&self) -> Result<u64, StoreError> {
+        delegate!(self, s => s.serial().await)
+    }
+
+    /// The serial and every node, read in one transaction.
+    pub async fn topology_snapshot(&self) -> Result<(u64, BTreeMap<NodeId, TopoNode>), StoreError> {
+        delegate!(self, s => s.topology_snapshot().await)
+    }
+
+    pub async fn audit_entries(
+        &self,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<AuditEntry>, StoreError> {
+        delegate!(self, s => s.audit_entries(after, limit).await)
+    }
+
+    pub async fn verify_audit(
+        &self,
+    ) -> Result<Result<ChainHead, crate::audit::ChainError>, StoreError> {
+        delegate!(self, s => s.verify_audit().await)
+    }
+
+    pub async fn stats(&self) -> Result<Stats, StoreError> {
+        delegate!(self, s => s.stats().await)
+    }
+
+    pub async fn close(&self) {
+        delegate!(self, s => s.close().await)
+    }
+}

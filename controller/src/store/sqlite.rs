@@ -1,0 +1,827 @@
+//! SQLite backend (sqlx): the embedded default.
+//!
+//! Durability: WAL journal with `synchronous = FULL`. WAL with NORMAL survives a process crash
+//! (`kill -9`) but may lose the last commits on power loss; field and HQ machines do lose power,
+//! and a lost registration means a node holding a credential the controller has forgotten, so
+//! we pay one fsync per commit (see the registrations/s benchmark for the cost).
+//!
+//! Concurrency: SQLite has one writer. Writes go through a one-connection pool and start with
+//! `BEGIN IMMEDIATE`, so the write lock is taken up front (no deferred-upgrade deadlocks) and
+//! every read-check-write sequence (IPAM, enrollment key uses, audit chain) is serialised.
+//! Reads use a separate pool and, under WAL, never block or are blocked by the writer.
+//! `busy_timeout` covers other processes (the `admin-token create` CLI) holding the lock.
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use skymesh_proto::{NodeId, NodeState, RegisterRequest};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::{Row as _, Sqlite, Transaction};
+
+use super::{
+    Actor, EnrollmentKeyInfo, NewEnrollmentKey, NodeAuth, NodePatch, NodeRecord, Scope, Stats,
+    StoreError, StoreOptions,
+};
+use crate::audit::{self, AuditEntry, ChainError, ChainHead};
+use crate::ipam::{Allocator, Pools};
+use crate::netmap::TopoNode;
+use crate::secrets;
+
+pub const DB_FILE: &str = "controller.db";
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+const NODE_COLUMNS: &str = "id, name, public_key, ipv4, ipv6, state, tags, endpoints, \
+     advertised_routes, approved_routes, enrollment_key_id, created_at, expires_at";
+const KEY_COLUMNS: &str = "id, description, reusable, max_uses, uses, expires_at, tags, \
+     auto_approve, node_ttl_secs, created_at, revoked_at";
+
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    read: SqlitePool,
+    write: SqlitePool,
+    pools: Pools,
+}
+
+fn corrupt(what: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(what.to_string())
+}
+
+fn to_i64(v: u64) -> i64 {
+    // Values are unix seconds, counters and ids: far below i64::MAX.
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn to_u64(v: i64) -> Result<u64, StoreError> {
+    u64::try_from(v).map_err(|_| corrupt(format!("negative value {v}")))
+}
+
+fn opt_u64(v: Option<i64>) -> Result<Option<u64>, StoreError> {
+    v.map(to_u64).transpose()
+}
+
+fn json<T: DeserializeOwned>(row: &SqliteRow, col: &str) -> Result<T, StoreError> {
+    let text: String = row.try_get(col)?;
+    serde_json::from_str(&text).map_err(|e| corrupt(format!("column {col}: {e}")))
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> Result<String, StoreError> {
+    serde_json::to_string(v).map_err(corrupt)
+}
+
+fn parse<T: FromStr>(row: &SqliteRow, col: &str) -> Result<T, StoreError>
+where
+    T::Err: std::fmt::Display,
+{
+    let text: String = row.try_get(col)?;
+    text.parse()
+        .map_err(|e| corrupt(format!("column {col} = {text:?}: {e}")))
+}
+
+fn state_str(s: NodeState) -> Result<&'static str, StoreError> {
+    match s {
+        NodeState::Pending => Ok("pending"),
+        NodeState::Approved => Ok("approved"),
+        NodeState::Revoked => Ok("revoked"),
+        NodeState::Unknown => Err(corrupt("unknown node state")),
+    }
+}
+
+fn node_from_row(row: &SqliteRow) -> Result<NodeRecord, StoreError> {
+    let state: String = row.try_get("state")?;
+    let state = match state.as_str() {
+        "pending" => NodeState::Pending,
+        "approved" => NodeState::Approved,
+        "revoked" => NodeState::Revoked,
+        other => return Err(corrupt(format!("node state {other:?}"))),
+    };
+    Ok(NodeRecord {
+        id: NodeId(to_u64(row.try_get("id")?)?),
+        name: row.try_get("name")?,
+        public_key: parse(row, "public_key")?,
+        state,
+        ipv4: parse::<Ipv4Addr>(row, "ipv4")?,
+        ipv6: parse::<Ipv6Addr>(row, "ipv6")?,
+        tags: json(row, "tags")?,
+        endpoints: json(row, "endpoints")?,
+        advertised_routes: json(row, "advertised_routes")?,
+        approved_routes: json(row, "approved_routes")?,
+        enrollment_key_id: opt_u64(row.try_get("enrollment_key_id")?)?,
+        created_at: to_u64(row.try_get("created_at")?)?,
+        expires_at: opt_u64(row.try_get("expires_at")?)?,
+    })
+}
+
+fn key_from_row(row: &SqliteRow) -> Result<EnrollmentKeyInfo, StoreError> {
+    let max_uses: Option<i64> = row.try_get("max_uses")?;
+    Ok(EnrollmentKeyInfo {
+        id: to_u64(row.try_get("id")?)?,
+        description: row.try_get("description")?,
+        reusable: row.try_get("reusable")?,
+        max_uses: max_uses
+            .map(|m| u32::try_from(m).map_err(|_| corrupt("max_uses")))
+            .transpose()?,
+        uses: u32::try_from(row.try_get::<i64, _>("uses")?).map_err(|_| corrupt("uses"))?,
+        expires_at: opt_u64(row.try_get("expires_at")?)?,
+        tags: json(row, "tags")?,
+        auto_approve: row.try_get("auto_approve")?,
+        node_ttl_secs: opt_u64(row.try_get("node_ttl_secs")?)?,
+        created_at: to_u64(row.try_get("created_at")?)?,
+        revoked_at: opt_u64(row.try_get("revoked_at")?)?,
+    })
+}
+
+async fn bump_serial(tx: &mut Transaction<'_, Sqlite>) -> Result<u64, StoreError> {
+    let v: i64 = sqlx::query_scalar(
+        "UPDATE counters SET value = value + 1 WHERE name = 'serial' RETURNING value",
+    )
+    .fetch_one(&mut **tx)
+    .await?;
+    to_u64(v)
+}
+
+/// Appends an entry to the audit chain inside the caller's write transaction.
+async fn append_audit(
+    tx: &mut Transaction<'_, Sqlite>,
+    now: u64,
+    actor: &Actor,
+    action: &str,
+    target: Option<&str>,
+    detail: serde_json::Value,
+) -> Result<(), StoreError> {
+    let last: Option<(i64, String)> =
+        sqlx::query_as("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
+            .fetch_optional(&mut **tx)
+            .await?;
+    let (prev_seq, prev_hash) = match last {
+        None => (0, audit::GENESIS),
+        Some((seq, hash)) => {
+            let bytes: [u8; 32] = hex::decode(&hash)
+                .ok()
+                .and_then(|v| v.try_into().ok())
+                .ok_or_else(|| corrupt(format!("audit entry {seq} hash")))?;
+            (to_u64(seq)?, bytes)
+        }
+    };
+    let seq = prev_seq + 1;
+    let detail = detail.to_string();
+    let hash = audit::entry_hash(&prev_hash, seq, now, &actor.0, action, target, &detail);
+    sqlx::query(
+        "INSERT INTO audit_log (seq, at, actor, action, target, detail, prev_hash, hash) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(to_i64(seq))
+    .bind(to_i64(now))
+    .bind(&actor.0)
+    .bind(action)
+    .bind(target)
+    .bind(detail)
+    .bind(hex::encode(prev_hash))
+    .bind(hex::encode(hash))
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+impl SqliteStore {
+    pub async fn open(data_dir: &Path, opts: &StoreOptions) -> Result<Self, StoreError> {
+        let connect = SqliteConnectOptions::new()
+            .filename(data_dir.join(DB_FILE))
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(true);
+        let write = SqlitePoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_with(connect.clone())
+            .await?;
+        MIGRATOR
+            .run(&write)
+            .await
+            .map_err(|e| StoreError::Db(e.into()))?;
+        let read = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(connect)
+            .await?;
+        let store = Self {
+            read,
+            write,
+            pools: opts.pools,
+        };
+        store.check_settings(opts).await?;
+        Ok(store)
+    }
+
+    /// Pins the overlay prefixes at first start (existing addresses must stay inside them) and
+    /// bumps the serial when the policy changed since the last start.
+    async fn check_settings(&self, opts: &StoreOptions) -> Result<(), StoreError> {
+        let mut tx = self.write.begin_with("BEGIN IMMEDIATE").await?;
+        for (name, want) in [
+            ("overlay_ipv4", opts.pools.v4.to_string()),
+            ("overlay_ipv6", opts.pools.v6.to_string()),
+        ] {
+            let have: Option<String> =
+                sqlx::query_scalar("SELECT value FROM settings WHERE name = ?")
+                    .bind(name)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            match have {
+                None => {
+                    sqlx::query("INSERT INTO settings (name, value) VALUES (?, ?)")
+                        .bind(name)
+                        .bind(&want)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                Some(have) if have == want => {}
+                Some(have) => {
+                    return Err(StoreError::Config(format!(
+                        "the data directory was created with {name} = {have}, but the \
+                         configuration says {want}; nodes already hold addresses in {have}, \
+                         so changing the overlay is not supported"
+                    )))
+                }
+            }
+        }
+        let have: Option<String> =
+            sqlx::query_scalar("SELECT value FROM settings WHERE name = 'policy'")
+                .fetch_optional(&mut *tx)
+                .await?;
+        if have.as_deref() != Some(opts.policy_fingerprint.as_str()) {
+            sqlx::query("INSERT OR REPLACE INTO settings (name, value) VALUES ('policy', ?)")
+                .bind(&opts.policy_fingerprint)
+                .execute(&mut *tx)
+                .await?;
+            if have.is_some() {
+                bump_serial(&mut tx).await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub fn pools(&self) -> Pools {
+        self.pools
+    }
+
+    pub async fn create_admin_token(
+        &self,
+        actor: &Actor,
+        scope: Scope,
+        now: u64,
+    ) -> Result<(u64, String), StoreError> {
+        let (token, hash) = secrets::generate(secrets::ADMIN_TOKEN_PREFIX);
+        let mut tx = self.write.begin_with("BEGIN IMMEDIATE").await?;
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO admin_tokens (token_hash, scope, created_at) VALUES (?, ?, ?) RETURNING id",
+        )
+        .bind(&hash[..])
+        .bind(scope.as_str())
+        .bind(to_i64(now))
+        .fetch_one(&mut *tx)
+        .await?;
+        append_audit(
+            &mut tx,
+            now,
+            actor,
+            "admin_token.create",
+            Some(&format!("admin-token:{id}")),
+            serde_json::json!({ "scope": scope.as_str() }),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok((to_u64(id)?, token))
+    }
+
+    pub async fn admin_token(&self, hash: &[u8; 32]) -> Result<Option<(u64, Scope)>, StoreError> {
+        let row: Option<(i64, String)> = sqlx::query_as(
+            "SELECT id, scope FROM admin_tokens WHERE token_hash = ? AND revoked_at IS NULL",
+        )
+        .bind(&hash[..])
+        .fetch_optional(&self.read)
+        .await?;
+        row.map(|(id, scope)| {
+            let scope = match scope.as_str() {
+                "admin" => Scope::Admin,
+                "read_only" => Scope::ReadOnly,
+                other => return Err(corrupt(format!("token scope {other:?}"))),
+            };
+            Ok((to_u64(id)?, scope))
+        })
+        .transpose()
+    }
+
+    pub async fn create_enrollment_key(
+        &self,
+        actor: &Actor,
+        key: &NewEnrollmentKey,
+        now: u64,
+    ) -> Result<(EnrollmentKeyInfo, String), StoreError> {
+        let (secret, hash) = secrets::generate(secrets::ENROLLMENT_KEY_PREFIX);
+        let mut tx = self.write.begin_with("BEGIN IMMEDIATE").await?;
+        let row = sqlx::query(&format!(
+            "INSERT INTO enrollment_keys (key_hash, description, reusable, max_uses, expires_at, \
+             tags, auto_approve, node_ttl_secs, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) \
+             RETURNING {KEY_COLUMNS}"
+        ))
+        .bind(&hash[..])
+        .bind(&key.description)
+        .bind(key.reusable)
+        .bind(key.max_uses.map(i64::from))
+        .bind(key.expires_at.map(to_i64))
+        .bind(to_json(&key.tags)?)
+        .bind(key.auto_approve)
+        .bind(key.node_ttl_secs.map(to_i64))
+        .bind(to_i64(now))
+        .fetch_one(&mut *tx)
+        .await?;
+        let info = key_from_row(&row)?;
+        append_audit(
+            &mut tx,
+            now,
+            actor,
+            "enrollment_key.create",
+            Some(&format!("enrollment-key:{}", info.id)),
+            serde_json::json!({
+                "reusable": info.reusable, "max_uses": info.max_uses,
+                "expires_at": info.expires_at, "tags": info.tags,
+                "auto_approve": info.auto_approve, "node_ttl_secs": info.node_ttl_secs,
+            }),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok((info, secret))
+    }
+
+    pub async fn enrollment_keys(&self) -> Result<Vec<EnrollmentKeyInfo>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {KEY_COLUMNS} FROM enrollment_keys ORDER BY id"
+        ))
+        .fetch_all(&self.read)
+        .await?;
+        rows.iter().map(key_from_row).collect()
+    }
+
+    pub async fn revoke_enrollment_key(
+        &self,
+        actor: &Actor,
+        id: u64,
+        now: u64,
+    ) -> Result<EnrollmentKeyInfo, StoreError> {
+        let mut tx = self.write.begin_with("BEGIN IMMEDIATE").await?;
+        let row = sqlx::query(&format!(
+            "UPDATE enrollment_keys SET revoked_at = coalesce(revoked_at, ?) WHERE id = ? \
+             RETURNING {KEY_COLUMNS}"
+        ))
+        .bind(to_i64(now))
+        .bind(to_i64(id))
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or(StoreError::NotFound("enrollment key"))?;
+        let info = key_from_row(&row)?;
+        append_audit(
+            &mut tx,
+            now,
+            actor,
+            "enrollment_key.revoke",
+            Some(&format!("enrollment-key:{id}")),
+            serde_json::json!({}),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(info)
+    }
+
+    pub async fn register(
+        &self,
+        req: &RegisterRequest,
+        now: u64,
+    ) -> Result<(NodeRecord, String), StoreError> {
+        let key_hash = secrets::hash(&req.enrollment_key);
+        let mut tx = self.write.begin_with("BEGIN IMMEDIATE").await?;
+
+        let key_row = sqlx::query(&format!(
+            "SELECT {KEY_COLUMNS} FROM enrollment_keys WHERE key_hash = ?"
+        ))
+        .bind(&key_hash[..])
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or(StoreError::InvalidEnrollmentKey)?;
+        let key = key_from_row(&key_row)?;
+        if key.revoked_at.is_some() {
+            return Err(StoreError::EnrollmentKeyRevoked);
+        }
+        if key.expires_at.is_some_and(|t| now >= t) {
+            return Err(StoreError::EnrollmentKeyExpired);
+        }
+        let limit = if key.reusable { key.max_uses } else { Some(1) };
+        if limit.is_some_and(|m| key.uses >= m) {
+            return Err(StoreError::EnrollmentKeyUsedUp);
+        }
+
+        let public_key = req.public_key.to_string();
+        let taken: Option<i64> = sqlx::query_scalar("SELECT id FROM nodes WHERE public_key = ?")
+            .bind(&public_key)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if taken.is_some() {
+            return Err(StoreError::DuplicatePublicKey);
+        }
+
+        let next: i64 = sqlx::query_scalar("SELECT value FROM counters WHERE name = 'ipam_next'")
+            .fetch_one(&mut *tx)
+            .await?;
+        let mut alloc = Allocator {
+            next: to_u64(next)?,
+        };
+        let (ipv4, ipv6) = alloc
+            .allocate(&self.pools)
+            .map_err(|_| StoreError::PoolExhausted)?;
+        sqlx::query("UPDATE counters SET value = ? WHERE name = 'ipam_next'")
+            .bind(to_i64(alloc.next))
+            .execute(&mut *tx)
+            .await?;
+
+        let (credential, credential_hash) = secrets::generate(secrets::NODE_CREDENTIAL_PREFIX);
+        let mut tags = key.tags.clone();
+        tags.sort();
+        tags.dedup();
+        let state = if key.auto_approve {
+            NodeState::Approved
+        } else {
+            NodeState::Pending
+        };
+        let expires_at = key.node_ttl_secs.map(|ttl| now.saturating_add(ttl));
+        let row = sqlx::query(&format!(
+            "INSERT INTO nodes (name, public_key, ipv4, ipv6, state, tags, endpoints, \
+             advertised_routes, approved_routes, credential_hash, enrollment_key_id, created_at, \
+             expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, '[]', ?, ?, ?, ?) RETURNING {NODE_COLUMNS}"
+        ))
+        .bind(&req.name)
+        .bind(&public_key)
+        .bind(ipv4.to_string())
+        .bind(ipv6.to_string())
+        .bind(state_str(state)?)
+        .bind(to_json(&tags)?)
+        .bind(to_json(&req.endpoints)?)
+        .bind(to_json(&req.routes)?)
+        .bind(&credential_hash[..])
+        .bind(to_i64(key.id))
+        .bind(to_i64(now))
+        .bind(expires_at.map(to_i64))
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(|e| match e {
+            sqlx::Error::Database(ref d) if d.is_unique_violation() => {
+                corrupt(format!("registration hit a unique constraint: {d}"))
+            }
+            other => StoreError::Db(other),
+        })?;
+        let node = node_from_row(&row)?;
+
+        sqlx::query(
+            "INSERT INTO allocated_addresses (ipv4, ipv6, node_id, allocated_at) VALUES (?, ?, ?, ?)",
+        )
+        .bind(ipv4.to_string())
+        .bind(ipv6.to_string())
+        .bind(to_i64(node.id.0))
+        .bind(to_i64(now))
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("UPDATE enrollment_keys SET uses = uses + 1 WHERE id = ?")
+            .bind(to_i64(key.id))
+            .execute(&mut *tx)
+            .await?;
+        bump_serial(&mut tx).await?;
+        append_audit(
+            &mut tx,
+            now,
+            &Actor(format!("enrollment-key:{}", key.id)),
+            "node.register",
+            Some(&format!("node:{}", node.id)),
+            serde_json::json!({
+                "name": node.name, "public_key": public_key, "state": state_str(state)?,
+                "ipv4": ipv4.to_string(), "ipv6": ipv6.to_string(), "tags": node.tags,
+            }),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok((node, credential))
+    }
+
+    pub async fn node_by_credential(
+        &self,
+        hash: &[u8; 32],
+    ) -> Result<Option<NodeAuth>, StoreError> {
+        let row = sqlx::query(&format!(
+            "SELECT {NODE_COLUMNS} FROM nodes WHERE credential_hash = ?"
+        ))
+        .bind(&hash[..])
+        .fetch_optional(&self.read)
+        .await?;
+        row.map(|r| {
+            let n = node_from_row(&r)?;
+            Ok(NodeAuth {
+                id: n.id,
+                state: n.state,
+                expires_at: n.expires_at,
+            })
+        })
+        .transpose()
+    }
+
+    pub async fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        let rows = sqlx::query(&format!("SELECT {NODE_COLUMNS} FROM nodes ORDER BY id"))
+            .fetch_all(&self.read)
+            .await?;
+        rows.iter().map(node_from_row).collect()
+    }
+
+    pub async fn node(&self, id: NodeId) -> Result<NodeRecord, StoreError> {
+        let row = sqlx::query(&format!("SELECT {NODE_COLUMNS} FROM nodes WHERE id = ?"))
+            .bind(to_i64(id.0))
+            .fetch_optional(&self.read)
+            .await?
+            .ok_or(StoreError::NotFound("node"))?;
+        node_from_row(&row)
+    }
+
+    async fn node_in(
+        tx: &mut Transaction<'_, Sqlite>,
+        id: NodeId,
+    ) -> Result<NodeRecord, StoreError> {
+        let row = sqlx::query(&format!("SELECT {NODE_COLUMNS} FROM nodes WHERE id = ?"))
+            .bind(to_i64(id.0))
+            .fetch_optional(&mut **tx)
+            .await?
+            .ok_or(StoreError::NotFound("node"))?;
+        node_from_row(&row)
+    }
+
+    pub async fn patch_node(
+        &self,
+        actor: &Actor,
+        id: NodeId,
+        patch: &NodePatch,
+        now: u64,
+    ) -> Result<NodeRecord, StoreError> {
+        let mut tx = self.write.begin_with("BEGIN IMMEDIATE").await?;
+        let mut node = Self::node_in(&mut tx, id).await?;
+        if node.state == NodeState::Revoked {
+            return Err(StoreError::NodeRevoked);
+        }
+        let mut detail = serde_json::Map::new();
+        if let Some(name) = &patch.name {
+            detail.insert("name".into(), name.clone().into());
+            node.name = name.clone();
+        }
+        if let Some(tags) = &patch.tags {
+            let mut tags = tags.clone();
+            tags.sort();
+            tags.dedup();
+            detail.insert("tags".into(), tags.clone().into());
+            node.tags = tags;
+        }
+        if patch.approve && node.state == NodeState::Pending {
+            detail.insert("approve".into(), true.into());
+            node.state = NodeState::Approved;
+        }
+        if let Some(routes) = &patch.approved_routes {
+            if let Some(r) = routes.iter().find(|r| !node.advertised_routes.contains(r)) {
+                return Err(StoreError::RouteNotAdvertised(*r));
+            }
+            let mut routes = routes.clone();
+            routes.sort();
+            routes.dedup();
+            detail.insert("approved_routes".into(), to_json(&routes)?.into());
+            node.approved_routes = routes;
+        }
+        if let Some(expires_at) = patch.expires_at {
+            detail.insert("expires_at".into(), expires_at.into());
+            node.expires_at = expires_at;
+        }
+        if detail.is_empty() {
+            // Nothing to change: no write, no serial bump, no audit entry.
+            return Ok(node);
+        }
+        sqlx::query(
+            "UPDATE nodes SET name = ?, tags = ?, state = ?, approved_routes = ?, expires_at = ? \
+             WHERE id = ?",
+        )
+        .bind(&node.name)
+        .bind(to_json(&node.tags)?)
+        .bind(state_str(node.state)?)
+        .bind(to_json(&node.approved_routes)?)
+        .bind(node.expires_at.map(to_i64))
+        .bind(to_i64(id.0))
+        .execute(&mut *tx)
+        .await?;
+        bump_serial(&mut tx).await?;
+        append_audit(
+            &mut tx,
+            now,
+            actor,
+            "node.update",
+            Some(&format!("node:{id}")),
+            serde_json::Value::Object(detail),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(node)
+    }
+
+    pub async fn revoke_node(
+        &self,
+        actor: &Actor,
+        id: NodeId,
+        now: u64,
+    ) -> Result<NodeRecord, StoreError> {
+        let mut tx = self.write.begin_with("BEGIN IMMEDIATE").await?;
+        let mut node = Self::node_in(&mut tx, id).await?;
+        if node.state == NodeState::Revoked {
+            return Ok(node);
+        }
+        sqlx::query("UPDATE nodes SET state = 'revoked' WHERE id = ?")
+            .bind(to_i64(id.0))
+            .execute(&mut *tx)
+            .await?;
+        node.state = NodeState::Revoked;
+        bump_serial(&mut tx).await?;
+        append_audit(
+            &mut tx,
+            now,
+            actor,
+            "node.revoke",
+            Some(&format!("node:{id}")),
+            serde_json::json!({ "public_key": node.public_key.to_string() }),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(node)
+    }
+
+    pub async fn delete_node(&self, actor: &Actor, id: NodeId, now: u64) -> Result<(), StoreError> {
+        let mut tx = self.write.begin_with("BEGIN IMMEDIATE").await?;
+        let node = Self::node_in(&mut tx, id).await?;
+        sqlx::query("DELETE FROM nodes WHERE id = ?")
+            .bind(to_i64(id.0))
+            .execute(&mut *tx)
+            .await?;
+        bump_serial(&mut tx).await?;
+        append_audit(
+            &mut tx,
+            now,
+            actor,
+            "node.delete",
+            Some(&format!("node:{id}")),
+            serde_json::json!({
+                "name": node.name, "public_key": node.public_key.to_string(),
+                "ipv4": node.ipv4.to_string(), "ipv6": node.ipv6.to_string(),
+            }),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn serial(&self) -> Result<u64, StoreError> {
+        let v: i64 = sqlx::query_scalar("SELECT value FROM counters WHERE name = 'serial'")
+            .fetch_one(&self.read)
+            .await?;
+        to_u64(v)
+    }
+
+    pub async fn topology_snapshot(&self) -> Result<(u64, BTreeMap<NodeId, TopoNode>), StoreError> {
+        let mut tx = self.read.begin().await?;
+        let serial: i64 = sqlx::query_scalar("SELECT value FROM counters WHERE name = 'serial'")
+            .fetch_one(&mut *tx)
+            .await?;
+        let rows = sqlx::query(&format!("SELECT {NODE_COLUMNS} FROM nodes"))
+            .fetch_all(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        let mut nodes = BTreeMap::new();
+        for row in &rows {
+            let n = node_from_row(row)?;
+            nodes.insert(n.id, n.to_topo());
+        }
+        Ok((to_u64(serial)?, nodes))
+    }
+
+    pub async fn audit_entries(
+        &self,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<AuditEntry>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT seq, at, actor, action, target, detail, prev_hash, hash FROM audit_log \
+             WHERE seq > ? ORDER BY seq LIMIT ?",
+        )
+        .bind(to_i64(after))
+        .bind(i64::from(limit))
+        .fetch_all(&self.read)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(AuditEntry {
+                    seq: to_u64(r.try_get("seq")?)?,
+                    at: to_u64(r.try_get("at")?)?,
+                    actor: r.try_get("actor")?,
+                    action: r.try_get("action")?,
+                    target: r.try_get("target")?,
+                    detail: r.try_get("detail")?,
+                    prev_hash: r.try_get("prev_hash")?,
+                    hash: r.try_get("hash")?,
+                })
+            })
+            .collect()
+    }
+
+    pub async fn verify_audit(&self) -> Result<Result<ChainHead, ChainError>, StoreError> {
+        let mut verifier = audit::Verifier::default();
+        let mut after = 0;
+        loop {
+            let page = self.audit_entries(after, 10_000).await?;
+            let Some(last) = page.last() else { break };
+            after = last.seq;
+            for e in &page {
+                if let Err(e) = verifier.push(e) {
+                    return Ok(Err(e));
+                }
+            }
+        }
+        Ok(Ok(verifier.finish()))
+    }
+
+    pub async fn stats(&self) -> Result<Stats, StoreError> {
+        let (serial, pending, approved, revoked, keys, audit): (i64, i64, i64, i64, i64, i64) =
+            sqlx::query_as(
+                "SELECT (SELECT value FROM counters WHERE name = 'serial'), \
+                 (SELECT count(*) FROM nodes WHERE state = 'pending'), \
+                 (SELECT count(*) FROM nodes WHERE state = 'approved'), \
+                 (SELECT count(*) FROM nodes WHERE state = 'revoked'), \
+                 (SELECT count(*) FROM enrollment_keys WHERE revoked_at IS NULL), \
+                 (SELECT count(*) FROM audit_log)",
+            )
+            .fetch_one(&self.read)
+            .await?;
+        Ok(Stats {
+            serial: to_u64(serial)?,
+            pending: to_u64(pending)?,
+            approved: to_u64(approved)?,
+            revoked: to_u64(revoked)?,
+            enrollment_keys: to_u64(keys)?,
+            audit_entries: to_u64(audit)?,
+        })
+    }
+
+    pub async fn close(&self) {
+        self.read.close().await;
+        self.write.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ipam::Pools;
+
+    #[tokio::test]
+    async fn connections_use_wal_full_sync_and_a_busy_timeout() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let opts = StoreOptions {
+            pools: Pools {
+                v4: crate::config::DEFAULT_OVERLAY_V4,
+                v6: crate::config::DEFAULT_OVERLAY_V6,
+            },
+            policy_fingerprint: String::new(),
+        };
+        let store = SqliteStore::open(dir.path(), &opts).await.expect("open");
+        for pool in [&store.write, &store.read] {
+            let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+                .fetch_one(pool)
+                .await
+                .expect("journal_mode");
+            assert_eq!(mode, "wal");
+            let sync: i64 = sqlx::query_scalar("PRAGMA synchronous")
+                .fetch_one(pool)
+                .await
+                .expect("synchronous");
+            assert_eq!(sync, 2, "FULL");
+            let busy: i64 = sqlx::query_scalar("PRAGMA busy_timeout")
+                .fetch_one(pool)
+                .await
+                .expect("busy_timeout");
+            assert_eq!(busy, 10_000);
+        }
+    }
+}

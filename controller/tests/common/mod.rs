@@ -1,0 +1,187 @@
+//! Shared helpers for the controller's integration tests: a controller on a real SQLite
+//! database in a temp dir, driven through `app(state).oneshot(..)`.
+#![allow(dead_code, unreachable_pub)]
+
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{header, Method, Request, StatusCode};
+use axum::Router;
+use http_body_util::BodyExt as _;
+use serde_json::{json, Value};
+use skymesh_controller::config::Config;
+use skymesh_controller::store::{Actor, Scope};
+use skymesh_controller::{app, open, AppState, Clock};
+use tower::ServiceExt as _;
+
+pub const T0: u64 = 1_800_000_000;
+
+pub struct TestController {
+    pub dir: tempfile::TempDir,
+    pub config: Config,
+    pub state: AppState,
+    pub clock: Arc<AtomicU64>,
+    pub admin: String,
+}
+
+/// Returns a WireGuard-style public key string unique to `i`.
+pub fn wg_key(i: u32) -> String {
+    use base64::Engine as _;
+    let mut k = [7u8; 32];
+    k[..4].copy_from_slice(&i.to_be_bytes());
+    base64::engine::general_purpose::STANDARD.encode(k)
+}
+
+pub struct Resp {
+    pub status: StatusCode,
+    pub body: Value,
+    pub text: String,
+}
+
+impl Resp {
+    pub fn code(&self) -> &str {
+        self.body["error"]["code"]
+            .as_str()
+            .unwrap_or("<no error code>")
+    }
+    /// Asserts the status and the stable error body shape.
+    #[track_caller]
+    pub fn assert_error(&self, status: u16, code: &str) {
+        assert_eq!(self.status.as_u16(), status, "body: {}", self.text);
+        assert_eq!(self.code(), code, "body: {}", self.text);
+        assert!(
+            self.body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "error body needs a message: {}",
+            self.text
+        );
+    }
+}
+
+impl TestController {
+    pub async fn new() -> Self {
+        Self::with_config(|_| {}).await
+    }
+
+    pub async fn with_config(edit: impl FnOnce(&mut Config)) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = Config {
+            data_dir: dir.path().join("data"),
+            ..Config::default()
+        };
+        edit(&mut config);
+        let clock = Arc::new(AtomicU64::new(T0));
+        let state = open(&config, Clock::Manual(clock.clone()))
+            .await
+            .expect("open controller");
+        let (_, admin) = state
+            .store
+            .create_admin_token(&Actor("test".into()), Scope::Admin, T0)
+            .await
+            .expect("admin token");
+        Self {
+            dir,
+            config,
+            state,
+            clock,
+            admin,
+        }
+    }
+
+    /// Closes and reopens the controller on the same data directory (a restart).
+    pub async fn restart(self) -> Self {
+        self.state.store.close().await;
+        let state = open(&self.config, Clock::Manual(self.clock.clone()))
+            .await
+            .expect("reopen controller");
+        Self { state, ..self }
+    }
+
+    pub fn app(&self) -> Router {
+        app(self.state.clone())
+    }
+
+    pub fn advance(&self, secs: u64) {
+        self.clock
+            .fetch_add(secs, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub async fn raw(&self, req: Request<Body>) -> Resp {
+        let resp = self.app().oneshot(req).await.expect("infallible");
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        Resp { status, body, text }
+    }
+
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> Resp {
+        let mut b = Request::builder().method(method).uri(path);
+        if let Some(t) = token {
+            b = b.header(header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        let req = match body {
+            Some(v) => b
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from(v.to_string())),
+            None => b.body(Body::empty()),
+        }
+        .expect("request");
+        self.raw(req).await
+    }
+
+    pub async fn admin(&self, method: Method, path: &str, body: Option<Value>) -> Resp {
+        self.call(method, path, Some(&self.admin.clone()), body)
+            .await
+    }
+
+    /// Creates an enrollment key with the given JSON settings; returns the secret.
+    pub async fn enrollment_key(&self, settings: Value) -> String {
+        let r = self
+            .admin(Method::POST, "/api/v1/enrollment-keys", Some(settings))
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+        r.body["key"].as_str().expect("key").to_owned()
+    }
+
+    pub async fn register(&self, key: &str, i: u32, name: &str) -> Resp {
+        self.call(
+            Method::POST,
+            "/api/v1/register",
+            None,
+            Some(json!({"enrollment_key": key, "public_key": wg_key(i), "name": name})),
+        )
+        .await
+    }
+
+    /// Registers and asserts success; returns (node_id, credential).
+    pub async fn register_ok(&self, key: &str, i: u32, name: &str) -> (u64, String) {
+        let r = self.register(key, i, name).await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+        (
+            r.body["node_id"].as_u64().expect("id"),
+            r.body["credential"].as_str().expect("cred").to_owned(),
+        )
+    }
+
+    /// Fetches and verifies this node's netmap with the controller key.
+    pub async fn netmap(&self, credential: &str) -> skymesh_proto::NetMap {
+        let r = self
+            .call(Method::GET, "/api/v1/netmap", Some(credential), None)
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        let signed: skymesh_proto::SignedNetMap =
+            serde_json::from_value(r.body).expect("signed netmap");
+        signed
+            .verify(&self.state.signing_key.verifying_key())
+            .expect("signature verifies")
+    }
+}

@@ -1,0 +1,72 @@
+//! Request and response bodies the agent exchanges with the controller's node-facing API.
+//!
+//! Requests the controller receives deny unknown fields (a typo must not be silently ignored);
+//! responses the agent receives tolerate them.
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::{ControllerPublicKey, Endpoint, NodeId, WgPublicKey};
+
+/// Body of `POST /api/v1/register`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct RegisterRequest {
+    /// The enrollment key secret (`sme_…`).
+    pub enrollment_key: String,
+    /// The node's WireGuard public key; the private key never leaves the node.
+    pub public_key: WgPublicKey,
+    pub name: String,
+    /// The node's uplink endpoints, as it sees them locally.
+    #[serde(default)]
+    pub endpoints: Vec<Endpoint>,
+    /// Subnets the node offers to route (e.g. a site LAN); an admin approves them.
+    #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Vec<String>))]
+    pub routes: Vec<IpNet>,
+}
+
+/// A node's lifecycle state as stored by the controller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub enum NodeState {
+    /// Registered, waiting for an admin to approve it: gets no peers, is nobody's peer.
+    Pending,
+    Approved,
+    /// Cut off: credential refused, removed from every netmap. Its key cannot re-register.
+    Revoked,
+    #[serde(other)]
+    Unknown,
+}
+
+/// Response of `POST /api/v1/register`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct RegisterResponse {
+    pub node_id: NodeId,
+    pub state: NodeState,
+    /// The node's overlay addresses with the overlay prefix length.
+    #[cfg_attr(feature = "openapi", schema(value_type = Vec<String>))]
+    pub addresses: Vec<IpNet>,
+    /// Secret node credential (`smn_…`), shown once; send it as `Authorization: Bearer`.
+    pub credential: String,
+    /// The key every netmap is signed with; pin it.
+    pub controller_public_key: ControllerPublicKey,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn register_request_refuses_unknown_fields() {
+        let e = serde_json::from_str::<RegisterRequest>(
+            r#"{"enrollment_key":"k","public_key":"HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=",
+                "name":"n","colour":"red"}"#,
+        )
+        .expect_err("unknown field");
+        assert!(e.to_string().contains("colour"), "{e}");
+    }
+}
