@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::net::SocketAddr;
 use std::sync::mpsc::{Receiver, SyncSender};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -21,6 +21,7 @@ use skymesh_agent_core::key::Key;
 use skymesh_agent_core::uapi::{errno, DeviceInfo, PeerChange, PeerInfo, SetRequest, Setting};
 
 use crate::sys::{self, Epoll, EventFd, SignalFd, Tun};
+use crate::uplink::Uplinks;
 
 /// Timer resolution for `Tunn::update_timers` (boringtun's own device uses 250 ms; WireGuard's
 /// shortest timer is the 5 s rekey timeout, so 100 ms keeps retransmits on time).
@@ -81,50 +82,6 @@ struct Peer {
     tx_bytes: u64,
     rx_bytes: u64,
     last_handshake: Option<SystemTime>,
-}
-
-/// The device's UDP sockets: one per address family today; issue 5 adds one per uplink.
-struct Uplinks {
-    port: u16,
-    v4: Option<UdpSocket>,
-    v6: Option<UdpSocket>,
-}
-
-impl Uplinks {
-    fn bind(port: u16, mark: u32) -> io::Result<Uplinks> {
-        let v4 = sys::udp_socket(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)), mark)?;
-        let port = v4.local_addr()?.port();
-        // IPv6 may be disabled; the device then works over IPv4 only.
-        let v6 = match sys::udp_socket(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)), mark) {
-            Ok(s) => Some(s),
-            Err(e) if e.kind() == io::ErrorKind::AddrInUse => return Err(e),
-            Err(e) => {
-                tracing::warn!(error = %e, "no IPv6 UDP socket; IPv4 underlay only");
-                None
-            }
-        };
-        Ok(Uplinks {
-            port,
-            v4: Some(v4),
-            v6,
-        })
-    }
-
-    fn sockets(&self) -> [Option<&UdpSocket>; 2] {
-        [self.v4.as_ref(), self.v6.as_ref()]
-    }
-
-    #[inline]
-    fn send(&self, to: SocketAddr, buf: &[u8]) -> io::Result<usize> {
-        let sock = match to {
-            SocketAddr::V4(_) => self.v4.as_ref(),
-            SocketAddr::V6(_) => self.v6.as_ref(),
-        };
-        match sock {
-            Some(s) => s.send_to(buf, to),
-            None => Err(io::ErrorKind::AddrNotAvailable.into()),
-        }
-    }
 }
 
 struct LocalKey {
@@ -198,11 +155,8 @@ impl Device {
     }
 
     fn register_uplinks(&self) -> io::Result<()> {
-        for (i, s) in self.uplinks.sockets().into_iter().enumerate() {
-            if let Some(s) = s {
-                use std::os::fd::AsRawFd as _;
-                self.epoll.add(s.as_raw_fd(), TOKEN_UDP + i as u64)?;
-            }
+        for (i, fd) in self.uplinks.fds() {
+            self.epoll.add(fd, TOKEN_UDP + i as u64)?;
         }
         Ok(())
     }
@@ -211,7 +165,7 @@ impl Device {
     pub(crate) fn run(mut self) -> anyhow::Result<DropCounters> {
         let mut events = [libc::epoll_event { events: 0, u64: 0 }; 16];
         let mut next_tick = Instant::now() + TICK;
-        tracing::info!(iface = %self.iface, port = self.uplinks.port, "device running");
+        tracing::info!(iface = %self.iface, port = self.uplinks.port(), "device running");
         loop {
             let now = Instant::now();
             if now >= next_tick {
@@ -223,7 +177,9 @@ impl Device {
             let n = self.epoll.wait(&mut events, timeout)?;
             for ev in &events[..n] {
                 match ev.u64 {
-                    TOKEN_TUN => self.handle_tun(),
+                    TOKEN_TUN => self
+                        .handle_tun()
+                        .map_err(|e| anyhow::anyhow!("TUN {} unusable: {e}", self.iface))?,
                     TOKEN_CTL => self.handle_control(),
                     TOKEN_SIGNAL => {
                         if let Some(sig) = self.signals.read() {
@@ -257,15 +213,15 @@ impl Device {
 
     // ---------------------------------------------------------------- packet path
 
-    fn handle_tun(&mut self) {
+    /// Reads and encapsulates up to [`BATCH`] packets. Err only when the TUN is unusable
+    /// (deleted from outside): then the device stops, as wireguard-go does.
+    fn handle_tun(&mut self) -> io::Result<()> {
         for _ in 0..BATCH {
             let n = match self.tun.read(&mut self.rx_buf) {
                 Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(_) => {
-                    self.drops.io_errors += 1;
-                    return;
-                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
             };
             let pkt = &self.rx_buf[..n];
             let Some(dst) = Tunn::dst_address(pkt) else {
@@ -296,28 +252,26 @@ impl Device {
                 _ => {}
             }
         }
+        Ok(())
     }
 
     fn handle_udp(&mut self, uplink: usize) {
         for _ in 0..BATCH {
-            let sock = match self.uplinks.sockets().get(uplink).copied().flatten() {
-                Some(s) => s,
-                None => return,
-            };
-            let (n, src) = match sock.recv_from(&mut self.rx_buf) {
+            let (n, src) = match self.uplinks.recv(uplink, &mut self.rx_buf) {
                 Ok(r) => r,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                // A pending socket error is consumed by the failing call; keep draining.
                 Err(_) => {
                     self.drops.io_errors += 1;
-                    return;
+                    continue;
                 }
             };
             // IPv4-mapped sources cannot occur (v6 socket is V6ONLY), so `src` is canonical.
-            self.handle_datagram(n, src);
+            self.handle_datagram(uplink, n, src);
         }
     }
 
-    fn handle_datagram(&mut self, n: usize, src: SocketAddr) {
+    fn handle_datagram(&mut self, uplink: usize, n: usize, src: SocketAddr) {
         let datagram = &self.rx_buf[..n];
         let slot = match Tunn::parse_incoming_packet(datagram) {
             Err(_) => {
@@ -337,7 +291,7 @@ impl Device {
                     Ok(_) => {}
                     Err(TunnResult::WriteToNetwork(cookie)) => {
                         self.drops.cookies_sent += 1;
-                        if self.uplinks.send(src, cookie).is_err() {
+                        if self.uplinks.send_via(uplink, src, cookie).is_err() {
                             self.drops.io_errors += 1;
                         }
                         return;
@@ -399,7 +353,7 @@ impl Device {
                 TunnResult::Err(_) => self.drops.rejected += 1,
                 TunnResult::WriteToNetwork(out) => {
                     authenticated = true;
-                    match self.uplinks.send(src, out) {
+                    match self.uplinks.send_via(uplink, src, out) {
                         Ok(sent) => peer.tx_bytes += sent as u64,
                         Err(_) => self.drops.io_errors += 1,
                     }
@@ -498,7 +452,7 @@ impl Device {
         }
         DeviceInfo {
             private_key: self.local.as_ref().map(|l| l.key),
-            listen_port: self.uplinks.port,
+            listen_port: self.uplinks.port(),
             fwmark: self.fwmark,
             peers,
         }
@@ -513,7 +467,7 @@ impl Device {
             None => self.fwmark,
         };
         let new_uplinks = match req.listen_port {
-            Some(p) if p == 0 || p != self.uplinks.port => {
+            Some(p) if p == 0 || p != self.uplinks.port() => {
                 Some(Uplinks::bind(p, new_mark).map_err(|e| {
                     tracing::warn!(port = p, error = %e, "cannot bind listen port");
                     if e.kind() == io::ErrorKind::AddrInUse {
@@ -526,25 +480,22 @@ impl Device {
             _ => None,
         };
         if new_mark != self.fwmark && new_uplinks.is_none() {
-            for s in self.uplinks.sockets().into_iter().flatten() {
-                sys::set_mark(s, new_mark).map_err(|e| {
-                    tracing::warn!(error = %e, "cannot set fwmark");
-                    errno::IO
-                })?;
-            }
+            self.uplinks.set_mark(new_mark).map_err(|e| {
+                tracing::warn!(error = %e, "cannot set fwmark");
+                errno::IO
+            })?;
         }
         // From here on nothing fails.
         self.fwmark = new_mark;
         if let Some(u) = new_uplinks {
-            use std::os::fd::AsRawFd as _;
-            for s in self.uplinks.sockets().into_iter().flatten() {
-                let _ = self.epoll.delete(s.as_raw_fd());
+            for (_, fd) in self.uplinks.fds() {
+                let _ = self.epoll.delete(fd);
             }
             self.uplinks = u;
             if let Err(e) = self.register_uplinks() {
                 tracing::error!(error = %e, "cannot poll new UDP sockets");
             }
-            tracing::info!(port = self.uplinks.port, "listening");
+            tracing::info!(port = self.uplinks.port(), "listening");
         }
         match req.private_key {
             Some(Setting::Set(k)) => self.set_private_key(Some(k)),
@@ -563,9 +514,16 @@ impl Device {
                 self.remove_peer(&k);
             }
         }
+        let sections = req.peers.len();
         for change in req.peers {
             self.apply_peer(change, req.replace_peers);
         }
+        tracing::info!(
+            sections,
+            peers = self.by_key.len(),
+            allowed_ips = self.allowed.len(),
+            "configuration applied"
+        );
         Ok(())
     }
 
@@ -635,7 +593,7 @@ impl Device {
         }
         self.allowed.retain(|_, s| *s as usize != slot);
         self.free_slots.push(slot);
-        tracing::info!(peer = %key.to_base64(), "peer removed");
+        tracing::debug!(peer = %key.to_base64(), "peer removed");
     }
 
     fn apply_peer(&mut self, change: PeerChange, replacing: bool) {
@@ -697,7 +655,7 @@ impl Device {
                 };
                 self.by_key.insert(change.public_key, slot);
                 self.by_index.insert(index, slot);
-                tracing::info!(peer = %change.public_key.to_base64(), "peer added");
+                tracing::debug!(peer = %change.public_key.to_base64(), "peer added");
                 slot
             }
         };

@@ -13,6 +13,7 @@ mod sys;
 mod uapi_client;
 mod uapi_server;
 mod updown;
+mod uplink;
 
 #[derive(Parser, Debug)]
 #[command(name = "skymesh-agent", version, about)]
@@ -95,10 +96,11 @@ pub(crate) fn run_device(iface: &str) -> anyhow::Result<()> {
         .name("uapi".into())
         .spawn(move || server.serve(tx, control.wake))
         .context("spawning the UAPI thread")?;
-    let drops = dev.run()?;
+    let result = dev.run();
     // The TUN closed with `dev`; the UAPI thread stays blocked in accept() until the process
     // exits, so remove the socket file here rather than in its Drop.
     socket.remove_file();
+    let drops = result?;
     tracing::info!(?drops, "device stopped");
     Ok(())
 }

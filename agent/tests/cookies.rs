@@ -63,59 +63,82 @@ fn a_handshake_flood_gets_cookie_replies_and_a_cookie_echoing_peer_still_gets_th
             sock.set_read_timeout(Some(Duration::from_millis(500)))
                 .expect("timeout");
             let mut buf = vec![0u8; 2048];
-            let mut rx = vec![0u8; 2048];
-            let mut flood = |tunn: &mut Tunn, n: usize| {
-                for _ in 0..n {
+            // Sends `n` initiations, paced and draining replies as it goes so neither socket
+            // buffer overflows (every initiation gets its reply, in order), all within one
+            // rate-limit second. Returns the replies.
+            let mut flood = |tunn: &mut Tunn, n: usize| -> Vec<Vec<u8>> {
+                let mut replies = Vec::new();
+                let mut rx = vec![0u8; 2048];
+                sock.set_nonblocking(true).expect("nonblocking");
+                for i in 0..n {
                     if let TunnResult::WriteToNetwork(init) =
                         tunn.format_handshake_initiation(&mut buf, true)
                     {
                         sock.send_to(init, &to).expect("send");
                     }
+                    if i % 20 == 19 {
+                        std::thread::sleep(Duration::from_millis(2));
+                        while let Ok(len) = sock.recv(&mut rx) {
+                            replies.push(rx[..len].to_vec());
+                        }
+                    }
                 }
+                sock.set_nonblocking(false).expect("blocking");
+                while let Ok(len) = sock.recv(&mut rx) {
+                    replies.push(rx[..len].to_vec());
+                }
+                replies
             };
-            // 600 initiations back to back: far above the 100/s the agent takes before cookies.
+            let kind = |r: &[u8]| match (r[0], r.len()) {
+                (2, 92) => 2,
+                (3, 64) => 3,
+                other => panic!("unexpected reply {other:?}"),
+            };
+            // 600 initiations: far above the 100/s the agent takes before it demands cookies.
             let mut tunn = Tunn::new(secret(&kc.private), agent_public, None, None, 7, None);
-            flood(&mut tunn, 600);
-            let (mut responses, mut cookies) = (0, 0);
-            let mut last: Option<Vec<u8>> = None;
-            while let Ok(n) = sock.recv(&mut rx) {
-                match (rx[0], n) {
-                    (2, 92) => responses += 1,
-                    (3, 64) => cookies += 1,
-                    other => panic!("unexpected reply {other:?}"),
-                }
-                last = Some(rx[..n].to_vec());
-            }
+            let replies = flood(&mut tunn, 600);
+            assert_eq!(replies.len(), 600, "one reply per initiation");
+            let responses = replies.iter().filter(|r| kind(r) == 2).count();
+            let cookies = replies.iter().filter(|r| kind(r) == 3).count();
             // The reply to the last initiation is a cookie: take it, as a real initiator does.
-            let cookie = last.expect("replies");
-            assert_eq!(cookie[0], 3, "the last initiation of the flood got a cookie");
+            let cookie = replies.last().expect("replies");
+            assert_eq!(
+                cookie[0], 3,
+                "the last initiation of the flood got a cookie"
+            );
             let mut scratch = vec![0u8; 2048];
-            assert!(matches!(
-                tunn.decapsulate(None, &cookie, &mut scratch),
-                TunnResult::Done
-            ));
+            let r = tunn.decapsulate(None, cookie, &mut scratch);
+            assert!(matches!(r, TunnResult::Done), "cookie not accepted: {r:?}");
             // Keep the agent under load with another initiator, then send one initiation that
             // carries MAC2 from the cookie.
             let mut flooder = Tunn::new(secret(&kc.private), agent_public, None, None, 9, None);
-            flood(&mut flooder, 300);
-            flood(&mut tunn, 1);
-            let (mut second_cookies, mut answered) = (0, false);
-            while let Ok(n) = sock.recv(&mut rx) {
-                match (rx[0], n) {
-                    (3, 64) => second_cookies += 1,
-                    (2, 92) => {
-                        let receiver = u32::from_le_bytes([rx[8], rx[9], rx[10], rx[11]]);
-                        answered |= receiver >> 8 == 7;
-                    }
-                    other => panic!("unexpected reply {other:?}"),
-                }
-            }
+            let mut second = flood(&mut flooder, 300);
+            second.extend(flood(&mut tunn, 1));
+            let second_cookies = second.iter().filter(|r| kind(r) == 3).count();
+            let answered = second
+                .iter()
+                .any(|r| kind(r) == 2 && u32::from_le_bytes([r[8], r[9], r[10], r[11]]) >> 8 == 7);
             (responses, cookies, second_cookies, answered)
         });
-    assert!(responses > 0, "some initiations answered before the load threshold");
-    assert!(cookies > 100, "the flood is met with cookies ({cookies} cookies, {responses} responses)");
-    assert!(responses < 400, "the agent did not do DH work for the whole flood ({responses})");
-    assert!(second_flood_cookies > 0, "still under load during the second flood");
-    assert!(answered_with_cookie, "an initiation with a valid MAC2 is answered under load");
+    assert!(
+        responses > 0,
+        "some initiations answered before the load threshold"
+    );
+    assert!(
+        cookies > 100,
+        "the flood is met with cookies ({cookies} cookies, {responses} responses)"
+    );
+    assert!(
+        responses < 400,
+        "the agent did not do DH work for the whole flood ({responses})"
+    );
+    assert!(
+        second_flood_cookies > 0,
+        "still under load during the second flood"
+    );
+    assert!(
+        answered_with_cookie,
+        "an initiation with a valid MAC2 is answered under load"
+    );
     assert!(agent.terminate().success(), "{}", agent.log_text());
 }

@@ -403,7 +403,19 @@ fn a_stale_socket_is_replaced_but_a_live_one_is_not() {
         second.log_text()
     );
     assert!(std::os::unix::net::UnixStream::connect(socket_path(&iface)).is_ok());
-    assert!(p.terminate().success());
+    // Deleting the interface from outside stops the device (as wireguard-go), socket removed.
+    ns.ip(&["link", "del", &iface]);
+    let end = std::time::Instant::now() + Duration::from_secs(5);
+    let status = loop {
+        if let Some(s) = p.child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(std::time::Instant::now() < end, "device still running without its TUN");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(!status.success());
+    assert!(p.log_text().contains("unusable"), "{}", p.log_text());
+    assert!(!socket_path(&iface).exists());
 }
 
 #[test]
@@ -430,7 +442,10 @@ fn garbage_from_the_network_is_counted_and_dropped_without_harm() {
     // Still up, still forwarding, and the fwmark setting reaches the socket.
     assert!(t.net.a.ping("10.96.3.2", 3));
     t.net.a.exec_ok(&["wg", "set", &t.ia, "fwmark", "1234"]);
-    assert_eq!(t.net.a.exec_ok(&["wg", "show", &t.ia, "fwmark"]).trim(), "0x4d2");
+    assert_eq!(
+        t.net.a.exec_ok(&["wg", "show", &t.ia, "fwmark"]).trim(),
+        "0x4d2"
+    );
     assert!(t.net.a.ping("10.96.3.2", 2));
     assert!(t.pa.terminate().success());
     let log = t.pa.log_text();

@@ -83,3 +83,18 @@ pub async fn open(config: &Config, clock: Clock) -> Result<AppState, OpenError> 
         clock,
     ))
 }
+
+/// Runs forever: once a second, folds node expiries into the serial (see
+/// [`store::Store::sweep_expired`]). Spawned by `serve`.
+pub async fn run_expiry_sweeper(state: AppState) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match state.store.sweep_expired(state.clock.now()).await {
+            Ok(ids) if !ids.is_empty() => tracing::info!(nodes = ?ids, "nodes expired"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "expiry sweep failed"),
+        }
+    }
+}

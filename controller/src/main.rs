@@ -116,10 +116,7 @@ fn token_hint(data_dir: &Path) -> String {
     let exe = std::env::args()
         .next()
         .unwrap_or_else(|| "skymesh-controller".into());
-    format!(
-        "{exe} admin-token create --data-dir {}",
-        data_dir.display()
-    )
+    format!("{exe} admin-token create --data-dir {}", data_dir.display())
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -164,10 +161,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let _ = out.flush();
     drop(out);
     tracing::info!(%addr, "serving");
+    let sweeper = tokio::spawn(skymesh_controller::run_expiry_sweeper(state.clone()));
     axum::serve(listener, app(state))
         .with_graceful_shutdown(shutdown_signal())
         .await
         .context("serving")?;
+    sweeper.abort();
     store.close().await;
     Ok(())
 }

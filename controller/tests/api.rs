@@ -494,7 +494,11 @@ async fn node_patch_validates_and_applies_tags_routes_and_expiry() {
     let serial = c.state.store.serial().await.expect("serial");
     let r = patch(hq, json!({})).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
-    assert_eq!(c.state.store.serial().await.expect("serial"), serial, "empty patch writes nothing");
+    assert_eq!(
+        c.state.store.serial().await.expect("serial"),
+        serial,
+        "empty patch writes nothing"
+    );
 }
 
 #[tokio::test]
@@ -508,10 +512,41 @@ async fn nodes_from_a_key_with_a_ttl_expire_and_are_refused() {
         c.netmap(&cred).await.node.expires_at,
         Some(common::T0 + 3600)
     );
+    let permanent = c.enrollment_key(json!({"auto_approve": true})).await;
+    let (_, other) = c.register_ok(&permanent, 2, "other").await;
+    assert_eq!(c.netmap(&other).await.peers.len(), 1);
+    assert!(c
+        .state
+        .store
+        .sweep_expired(common::T0 + 3599)
+        .await
+        .expect("sweep")
+        .is_empty());
     c.advance(3600);
     c.call(Method::GET, "/api/v1/netmap", Some(&cred), None)
         .await
         .assert_error(403, "node_expired");
+    // Expiry moves the serial (once), so agents syncing by serial see the peer leave.
+    let before = c.netmap(&other).await;
+    let expired = c
+        .state
+        .store
+        .sweep_expired(common::T0 + 3600)
+        .await
+        .expect("sweep");
+    assert_eq!(expired.iter().map(|n| n.0).collect::<Vec<_>>(), vec![1]);
+    assert!(c
+        .state
+        .store
+        .sweep_expired(common::T0 + 3601)
+        .await
+        .expect("sweep")
+        .is_empty());
+    let after = c.netmap(&other).await;
+    assert_eq!(after.serial, before.serial + 1);
+    assert!(after.peers.is_empty() && before.peers.is_empty());
+    let log = c.admin(Method::GET, "/api/v1/audit", None).await;
+    assert!(log.text.contains("\"node.expire\""), "{}", log.text);
 }
 
 #[tokio::test]
@@ -578,6 +613,19 @@ async fn every_route_is_in_the_openapi_31_document() {
         assert!(
             documented.contains(&(m.to_owned(), p.to_owned())),
             "{m} {p} missing from the OpenAPI document"
+        );
+    }
+    // The signed netmap's payload format is documented too.
+    for schema in [
+        "NetMap",
+        "SelfNode",
+        "PeerEntry",
+        "SignedNetMap",
+        "ErrorBody",
+    ] {
+        assert!(
+            doc["components"]["schemas"][schema].is_object(),
+            "schema {schema} missing"
         );
     }
     // ...every documented operation is served by the router (routes are registered through

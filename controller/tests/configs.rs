@@ -41,3 +41,17 @@ fn a_config_error_names_the_file_and_the_field() {
     let e = Config::from_yaml("mtu: lots\n", "bad.yaml".as_ref()).expect_err("bad type");
     assert!(e.to_string().contains("mtu"), "{e}");
 }
+
+#[test]
+fn the_main_example_config_shows_the_defaults() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../configs/controller.yaml");
+    let config = Config::load(&path).expect("parses");
+    assert_eq!(
+        Config {
+            data_dir: Config::default().data_dir,
+            ..config
+        },
+        Config::default(),
+        "configs/controller.yaml says it shows the defaults (data_dir aside)"
+    );
+}

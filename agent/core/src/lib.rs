@@ -4,5 +4,6 @@
 pub mod allowed_ips;
 pub mod key;
 pub mod path;
+pub mod plan;
 pub mod uapi;
 pub mod wgquick;

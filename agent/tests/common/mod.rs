@@ -49,11 +49,11 @@ pub(crate) fn require(tools: &[&str]) {
     }
 }
 
-/// A short name unique to this process and call: `<tag><pid%10000><n>`.
+/// A short name unique to this process and call: `<tag><pid%10000>-<n>`.
 pub(crate) fn unique(tag: &str) -> String {
     static N: AtomicU32 = AtomicU32::new(0);
     format!(
-        "{tag}{}{}",
+        "{tag}{}-{}",
         std::process::id() % 10000,
         N.fetch_add(1, Ordering::Relaxed)
     )
@@ -227,7 +227,15 @@ impl Proc {
 }
 
 impl Drop for Proc {
+    /// SIGTERM first so devices remove their socket files, SIGKILL after 2 s.
     fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = run("kill", &["-TERM", &self.child.id().to_string()]);
+            let end = Instant::now() + Duration::from_secs(2);
+            while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < end {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

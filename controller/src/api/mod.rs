@@ -124,7 +124,7 @@ impl Modify for SecuritySchemes {
                        Every error is `{\"error\": {\"code\", \"message\"}}`."
     ),
     modifiers(&SecuritySchemes),
-    components(schemas(crate::error::ErrorBody)),
+    components(schemas(crate::error::ErrorBody, skymesh_proto::NetMap)),
     tags(
         (name = "system", description = "Health, metrics, this document"),
         (name = "enrollment", description = "Enrollment keys (admin)"),

@@ -279,6 +279,11 @@ impl Store {
         delegate!(self, s => s.delete_node(actor, id, now).await)
     }
 
+    /// Folds node expiries that happened by `now` into the serial; returns the expired nodes.
+    pub async fn sweep_expired(&self, now: u64) -> Result<Vec<NodeId>, StoreError> {
+        delegate!(self, s => s.sweep_expired(now).await)
+    }
+
     pub async fn serial(&self) -> Result<u64, StoreError> {
         delegate!(self, s => s.serial().await)
     }

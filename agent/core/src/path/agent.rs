@@ -7,8 +7,8 @@ use super::config::{FailoverTiming, ProbeTiming, ValidPathConfig};
 use super::probe::NonceSource;
 use super::stats::{LossWindow, RttEstimator};
 use super::{
-    LinkState, Role, PathEvent, PathHealth, PathId, PathStats, ProbeId, ProbeTransmit, RemoteEndpoint,
-    SwitchReason, SwitchRecord, UnmatchedReply, UplinkId,
+    LinkState, PathEvent, PathHealth, PathId, PathStats, ProbeId, ProbeTransmit, RemoteEndpoint,
+    Role, SwitchReason, SwitchRecord, UnmatchedReply, UplinkId,
 };
 
 /// Probes remembered per path while waiting for their reply. A reply to an older probe than

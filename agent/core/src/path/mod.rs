@@ -83,7 +83,9 @@
 //!    with the path they arrived on. The agent accepts a reply only if its nonce matches a
 //!    probe still outstanding on that same path; anything else is returned as
 //!    [`UnmatchedReply`] (count it, drop it) and changes nothing.
-//! 4. Calls [`PathAgent::handle_authenticated_rx`] only for packets WireGuard authenticated.
+//! 4. Calls [`PathAgent::handle_peer_data`] for every data packet WireGuard authenticated,
+//!    and [`PathAgent::handle_authenticated_rx`] for authenticated keepalives and probe
+//!    requests; never for anything WireGuard did not authenticate.
 //! 5. Seeds the agent's nonce source from the OS CSPRNG.
 //!
 //! Both ends agree on the path: one end of each pair is the [`Role::Chooser`], the other a

@@ -12,16 +12,12 @@
 //! `busy_timeout` covers other processes (the `admin-token create` CLI) holding the lock.
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::Path;
-use std::str::FromStr;
 use std::time::Duration;
 
-use serde::de::DeserializeOwned;
 use skymesh_proto::{NodeId, NodeState, RegisterRequest};
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
-    SqliteSynchronous,
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 use sqlx::{Row as _, Sqlite, Transaction};
 
@@ -33,6 +29,10 @@ use crate::audit::{self, AuditEntry, ChainError, ChainHead};
 use crate::ipam::{Allocator, Pools};
 use crate::netmap::TopoNode;
 use crate::secrets;
+
+mod rows;
+
+use rows::{corrupt, key_from_row, node_from_row, state_str, to_i64, to_json, to_u64};
 
 pub const DB_FILE: &str = "controller.db";
 
@@ -48,94 +48,6 @@ pub struct SqliteStore {
     read: SqlitePool,
     write: SqlitePool,
     pools: Pools,
-}
-
-fn corrupt(what: impl std::fmt::Display) -> StoreError {
-    StoreError::Corrupt(what.to_string())
-}
-
-fn to_i64(v: u64) -> i64 {
-    // Values are unix seconds, counters and ids: far below i64::MAX.
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
-
-fn to_u64(v: i64) -> Result<u64, StoreError> {
-    u64::try_from(v).map_err(|_| corrupt(format!("negative value {v}")))
-}
-
-fn opt_u64(v: Option<i64>) -> Result<Option<u64>, StoreError> {
-    v.map(to_u64).transpose()
-}
-
-fn json<T: DeserializeOwned>(row: &SqliteRow, col: &str) -> Result<T, StoreError> {
-    let text: String = row.try_get(col)?;
-    serde_json::from_str(&text).map_err(|e| corrupt(format!("column {col}: {e}")))
-}
-
-fn to_json<T: serde::Serialize>(v: &T) -> Result<String, StoreError> {
-    serde_json::to_string(v).map_err(corrupt)
-}
-
-fn parse<T: FromStr>(row: &SqliteRow, col: &str) -> Result<T, StoreError>
-where
-    T::Err: std::fmt::Display,
-{
-    let text: String = row.try_get(col)?;
-    text.parse()
-        .map_err(|e| corrupt(format!("column {col} = {text:?}: {e}")))
-}
-
-fn state_str(s: NodeState) -> Result<&'static str, StoreError> {
-    match s {
-        NodeState::Pending => Ok("pending"),
-        NodeState::Approved => Ok("approved"),
-        NodeState::Revoked => Ok("revoked"),
-        NodeState::Unknown => Err(corrupt("unknown node state")),
-    }
-}
-
-fn node_from_row(row: &SqliteRow) -> Result<NodeRecord, StoreError> {
-    let state: String = row.try_get("state")?;
-    let state = match state.as_str() {
-        "pending" => NodeState::Pending,
-        "approved" => NodeState::Approved,
-        "revoked" => NodeState::Revoked,
-        other => return Err(corrupt(format!("node state {other:?}"))),
-    };
-    Ok(NodeRecord {
-        id: NodeId(to_u64(row.try_get("id")?)?),
-        name: row.try_get("name")?,
-        public_key: parse(row, "public_key")?,
-        state,
-        ipv4: parse::<Ipv4Addr>(row, "ipv4")?,
-        ipv6: parse::<Ipv6Addr>(row, "ipv6")?,
-        tags: json(row, "tags")?,
-        endpoints: json(row, "endpoints")?,
-        advertised_routes: json(row, "advertised_routes")?,
-        approved_routes: json(row, "approved_routes")?,
-        enrollment_key_id: opt_u64(row.try_get("enrollment_key_id")?)?,
-        created_at: to_u64(row.try_get("created_at")?)?,
-        expires_at: opt_u64(row.try_get("expires_at")?)?,
-    })
-}
-
-fn key_from_row(row: &SqliteRow) -> Result<EnrollmentKeyInfo, StoreError> {
-    let max_uses: Option<i64> = row.try_get("max_uses")?;
-    Ok(EnrollmentKeyInfo {
-        id: to_u64(row.try_get("id")?)?,
-        description: row.try_get("description")?,
-        reusable: row.try_get("reusable")?,
-        max_uses: max_uses
-            .map(|m| u32::try_from(m).map_err(|_| corrupt("max_uses")))
-            .transpose()?,
-        uses: u32::try_from(row.try_get::<i64, _>("uses")?).map_err(|_| corrupt("uses"))?,
-        expires_at: opt_u64(row.try_get("expires_at")?)?,
-        tags: json(row, "tags")?,
-        auto_approve: row.try_get("auto_approve")?,
-        node_ttl_secs: opt_u64(row.try_get("node_ttl_secs")?)?,
-        created_at: to_u64(row.try_get("created_at")?)?,
-        revoked_at: opt_u64(row.try_get("revoked_at")?)?,
-    })
 }
 
 async fn bump_serial(tx: &mut Transaction<'_, Sqlite>) -> Result<u64, StoreError> {
@@ -691,6 +603,56 @@ impl SqliteStore {
         .await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    /// Bumps the serial (and audits `node.expire`) for every approved node whose expiry fell in
+    /// `(last sweep, now]`, so agents that sync by serial learn that the node left their
+    /// netmaps. Writes nothing when no node expired.
+    pub async fn sweep_expired(&self, now: u64) -> Result<Vec<NodeId>, StoreError> {
+        let swept: i64 =
+            sqlx::query_scalar("SELECT value FROM counters WHERE name = 'expiry_swept_at'")
+                .fetch_one(&self.read)
+                .await?;
+        if to_u64(swept)? >= now {
+            return Ok(Vec::new());
+        }
+        let mut tx = self.write.begin_with("BEGIN IMMEDIATE").await?;
+        let swept: i64 =
+            sqlx::query_scalar("SELECT value FROM counters WHERE name = 'expiry_swept_at'")
+                .fetch_one(&mut *tx)
+                .await?;
+        let ids: Vec<i64> = sqlx::query_scalar(
+            "SELECT id FROM nodes WHERE state = 'approved' AND expires_at > ? AND expires_at <= ? \
+             ORDER BY id",
+        )
+        .bind(swept)
+        .bind(to_i64(now))
+        .fetch_all(&mut *tx)
+        .await?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        sqlx::query("UPDATE counters SET value = ? WHERE name = 'expiry_swept_at'")
+            .bind(to_i64(now))
+            .execute(&mut *tx)
+            .await?;
+        bump_serial(&mut tx).await?;
+        let mut expired = Vec::with_capacity(ids.len());
+        for id in ids {
+            let id = NodeId(to_u64(id)?);
+            append_audit(
+                &mut tx,
+                now,
+                &Actor("system".into()),
+                "node.expire",
+                Some(&format!("node:{id}")),
+                serde_json::json!({}),
+            )
+            .await?;
+            expired.push(id);
+        }
+        tx.commit().await?;
+        Ok(expired)
     }
 
     pub async fn serial(&self) -> Result<u64, StoreError> {
