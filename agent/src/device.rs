@@ -398,10 +398,16 @@ impl Device {
         if let Some(local) = &self.local {
             local.rate_limiter.reset_count();
         }
+        let now = SystemTime::now();
         for peer in self.peers.iter_mut().flatten() {
             let Some(tunn) = peer.tunn.as_mut() else {
                 continue;
             };
+            // Remember the handshake time while a session exists: `wg show` must still report
+            // it after the session has expired.
+            if let Some(since) = tunn.time_since_last_handshake() {
+                peer.last_handshake = now.checked_sub(since);
+            }
             match tunn.update_timers(&mut self.tx_buf) {
                 TunnResult::WriteToNetwork(out) => {
                     if let Some(ep) = peer.endpoint {
@@ -515,8 +521,11 @@ impl Device {
             }
         }
         let sections = req.peers.len();
+        let mut seen = std::collections::HashSet::new();
         for change in req.peers {
-            self.apply_peer(change, req.replace_peers);
+            // Reset a kept peer to defaults only at its first section in this request.
+            let reset = req.replace_peers && seen.insert(change.public_key);
+            self.apply_peer(change, reset);
         }
         tracing::info!(
             sections,
@@ -596,7 +605,7 @@ impl Device {
         tracing::debug!(peer = %key.to_base64(), "peer removed");
     }
 
-    fn apply_peer(&mut self, change: PeerChange, replacing: bool) {
+    fn apply_peer(&mut self, change: PeerChange, reset: bool) {
         if let Some(own) = self.local.as_ref().map(|l| Key(l.public.to_bytes())) {
             if own == change.public_key {
                 return;
@@ -608,7 +617,7 @@ impl Device {
         }
         let slot = match self.by_key.get(&change.public_key) {
             Some(&slot) => {
-                if replacing {
+                if reset {
                     // `replace_peers` means "exactly these peers with exactly these settings":
                     // fields the request leaves out go back to their defaults, but a peer whose
                     // keys do not change keeps its sessions.

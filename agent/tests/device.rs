@@ -410,7 +410,10 @@ fn a_stale_socket_is_replaced_but_a_live_one_is_not() {
         if let Some(s) = p.child.try_wait().expect("wait") {
             break s;
         }
-        assert!(std::time::Instant::now() < end, "device still running without its TUN");
+        assert!(
+            std::time::Instant::now() < end,
+            "device still running without its TUN"
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(!status.success());

@@ -75,7 +75,11 @@ fn control(relay: &Relay, cmd: &str) {
     sock.send_to(cmd.as_bytes(), relay.control).expect("send");
     let mut buf = [0u8; 256];
     let n = sock.recv(&mut buf).expect("control answer");
-    assert!(buf[..n].starts_with(b"ok"), "{}", String::from_utf8_lossy(&buf[..n]));
+    assert!(
+        buf[..n].starts_with(b"ok"),
+        "{}",
+        String::from_utf8_lossy(&buf[..n])
+    );
 }
 
 /// Answers probe requests and echoes everything else, to whoever sent it.
@@ -86,7 +90,10 @@ fn responder() -> SocketAddr {
         let mut buf = [0u8; 2048];
         let mut out = [0u8; PROBE_LEN];
         while let Ok((n, from)) = sock.recv_from(&mut buf) {
-            match ProbeMessage::decode(&buf[..n]).ok().and_then(ProbeMessage::reply) {
+            match ProbeMessage::decode(&buf[..n])
+                .ok()
+                .and_then(ProbeMessage::reply)
+            {
                 Some(reply) => {
                     reply.encode(&mut out);
                     let _ = sock.send_to(&out, from);
@@ -158,7 +165,15 @@ fn main() -> ExitCode {
     // The peer's endpoint as the netmap would name it; the driver maps uplink i to relay i.
     let remote: SocketAddr = "198.18.0.1:51820".parse().expect("addr");
     let now = Instant::now();
-    let mut agent = PathAgent::new(&config, &[RemoteEndpoint { addr: remote, priority: 0 }], rand_seed(), now);
+    let mut agent = PathAgent::new(
+        &config,
+        &[RemoteEndpoint {
+            addr: remote,
+            priority: 0,
+        }],
+        rand::random(),
+        now,
+    );
 
     let mut outcomes = Vec::new();
     let mut next_ping = Instant::now();
@@ -226,10 +241,11 @@ fn main() -> ExitCode {
         }
         // The trial script.
         match phase {
-            0 if now - phase_at >= Duration::from_millis(3_000 + 137 * outcomes.len() as u64 % 1_000) => {
+            0 if now - phase_at
+                >= Duration::from_millis(3_000 + 137 * outcomes.len() as u64 % 1_000) =>
+            {
                 control(&relays[0], "blackhole on");
                 cut_at = Instant::now();
-                last_echo = cut_at.min(last_echo.max(cut_at - Duration::from_millis(10)));
                 gap = Duration::ZERO;
                 phase = 1;
                 phase_at = cut_at;
@@ -249,7 +265,11 @@ fn main() -> ExitCode {
     sw.sort_unstable();
     gaps.sort_unstable();
     fb.sort_unstable();
-    for (name, xs) in [("switch after blackhole", &sw), ("longest ping gap", &gaps), ("fail-back after heal (hold 2 s)", &fb)] {
+    for (name, xs) in [
+        ("switch after blackhole", &sw),
+        ("longest ping gap", &gaps),
+        ("fail-back after heal (hold 2 s)", &fb),
+    ] {
         println!(
             "{name:<32} n={} p50={:?} p95={:?} max={:?}",
             xs.len(),
@@ -258,15 +278,11 @@ fn main() -> ExitCode {
             xs[xs.len() - 1]
         );
     }
-    if percentile(&gaps, 50.0) <= Duration::from_secs(1) && percentile(&gaps, 95.0) <= Duration::from_secs(2) {
+    if percentile(&gaps, 50.0) <= Duration::from_secs(1)
+        && percentile(&gaps, 95.0) <= Duration::from_secs(2)
+    {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     }
-}
-
-/// The driver seeds the agent's nonces; a real one uses the OS CSPRNG.
-fn rand_seed() -> u64 {
-    use std::hash::{BuildHasher, RandomState};
-    RandomState::new().hash_one(Instant::now())
 }

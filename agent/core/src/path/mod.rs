@@ -20,9 +20,10 @@
 //!
 //! After every input the driver drains [`PathAgent::poll_transmit`] (probes to send),
 //! [`PathAgent::poll_event`] (path changes to apply) and re-arms its one timer to
-//! [`PathAgent::poll_timeout`]. The two per-packet inputs (`handle_data_sent`,
-//! `handle_authenticated_rx`) never allocate, never emit output and can only move the timer
-//! to at least a fast interval from now, so the packet loop may re-arm lazily.
+//! [`PathAgent::poll_timeout`]. The per-packet inputs (`handle_data_sent`,
+//! `handle_authenticated_rx`, `handle_peer_data`) never allocate and can only move the timer
+//! to at least a fast interval from now, so the packet loop may re-arm lazily; only
+//! `handle_peer_data` on a [`Role::Follower`] can emit an event (drain `poll_event` after it).
 //!
 //! # Policy
 //!
@@ -34,10 +35,12 @@
 //! - **Demotion on distress.** A path is in distress when (a) nothing authenticated arrived on
 //!   it for `distress_timeout` (700 ms by default) while we were waiting for the peer (data or
 //!   probes sent since the last authenticated packet), or (b) its probes went unanswered for
-//!   that long even though inbound data still flows (a one-way failure); in both cases at
-//!   least `distress_probes` (3) probes must have gone unanswered. The timeout is stretched to
-//!   twice the path's RTO on long-RTT paths. A distressed active path is replaced at once by
-//!   the best proven path; if none is proven it is kept and every path is probed fast.
+//!   twice that long even though inbound data still flows (a one-way failure; slower, because
+//!   a bloated queue delays replies without losing them); in both cases at least
+//!   `distress_probes` (3) probes must have gone unanswered. On long-RTT paths (GEO) the
+//!   timeouts stretch to twice the smoothed RTT (a) and twice the RTO (b). A distressed active
+//!   path is replaced at once by the best proven path; if none is proven it is kept and every
+//!   path is probed fast.
 //! - **Promotion only on proof.** A path becomes healthy only when a probe reply with the
 //!   nonce of a probe sent on that very path comes back on it. Inbound data proves only one
 //!   direction, so it keeps an active path from looking silent but never promotes one.
@@ -94,11 +97,13 @@
 //! path cannot drag the data path there.
 //!
 //! A stock WireGuard peer does not answer probes: the agent then sees only authenticated data,
-//! never proves a path and keeps its first choice, and standard WireGuard roaming applies.
+//! never proves a path and keeps its first choice unless that uplink goes down, and standard
+//! WireGuard roaming applies on the peer's side.
 
 mod agent;
 mod config;
 mod probe;
+mod state;
 mod stats;
 
 use std::fmt;
