@@ -56,6 +56,10 @@ fn state_path(iface: &str) -> PathBuf {
     Path::new(STATE_DIR).join(format!("{iface}.state.json"))
 }
 
+fn log_path(iface: &str) -> PathBuf {
+    Path::new(STATE_DIR).join(format!("{iface}.log"))
+}
+
 fn pid_alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
@@ -145,8 +149,7 @@ pub(crate) fn up(config_path: &Path) -> anyhow::Result<()> {
         }
     }
     std::fs::create_dir_all(STATE_DIR).with_context(|| format!("creating {STATE_DIR}"))?;
-    let log = Path::new(STATE_DIR).join(format!("{iface}.log"));
-    let pid = spawn_detached_device(&iface, Some(&log))?;
+    let pid = spawn_detached_device(&iface, Some(&log_path(&iface)))?;
     let mut state = UpState {
         iface: iface.clone(),
         pid,
@@ -244,6 +247,8 @@ pub(crate) fn down(config_path: &Path) -> anyhow::Result<()> {
     undo(&state);
     std::fs::remove_file(&state_file)
         .with_context(|| format!("removing {}", state_file.display()))?;
+    // The device's log was created by `up` too.
+    let _ = std::fs::remove_file(log_path(&iface));
     tracing::info!(%iface, "down");
     Ok(())
 }

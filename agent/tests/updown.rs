@@ -74,6 +74,7 @@ fn up_adds_addresses_mtu_and_routes_and_down_removes_them() {
     );
     assert!(!socket_path(&iface).exists());
     assert!(!std::path::Path::new(&format!("/run/skymesh/{iface}.state.json")).exists());
+    assert!(!std::path::Path::new(&format!("/run/skymesh/{iface}.log")).exists());
     // `down` twice is an error, not a silent success.
     assert!(!ns.exec(&[AGENT, "down", file_s]).status.success());
 }

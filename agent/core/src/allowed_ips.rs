@@ -1,77 +1,132 @@
 //! Cryptokey routing table: longest-prefix match from an IP address to a value (a peer slot),
-//! for IPv4 and IPv6. A binary trie per family over left-aligned `u128` keys, nodes in a `Vec`
-//! arena, so a lookup is at most 32 / 128 steps of array indexing and never allocates. Updates
-//! (control path only) may allocate.
+//! for IPv4 and IPv6. A path-compressed binary trie per family over left-aligned `u128` keys
+//! (the layout of Linux WireGuard's `allowedips.c`): a node stores its whole prefix, so a lookup
+//! visits only branching points (about log2(prefixes) nodes), each an index into a `Vec` arena,
+//! and never allocates. Updates (control path only) may allocate.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
-const NONE: u32 = 0;
+const NONE: u32 = u32::MAX;
 
 #[derive(Debug, Clone)]
 struct Node<T> {
-    /// Child indexes in the arena; `NONE` (0, the root, which is never a child) = absent.
+    /// The prefix, host bits zero.
+    key: u128,
+    /// Its length in bits.
+    plen: u8,
+    /// Child arena indexes by the bit after the prefix; `NONE` = absent.
     child: [u32; 2],
+    /// `None` for a pure branching node.
     value: Option<T>,
 }
 
 #[derive(Debug, Clone)]
 struct Trie<T> {
     nodes: Vec<Node<T>>,
+    root: u32,
     len: usize,
+}
+
+#[inline]
+fn mask(plen: u8) -> u128 {
+    if plen == 0 {
+        0
+    } else {
+        u128::MAX << (128 - u32::from(plen))
+    }
+}
+
+#[inline]
+fn bit(key: u128, depth: u8) -> usize {
+    // Only called with depth < 128.
+    ((key >> (127 - u32::from(depth))) & 1) as usize
 }
 
 impl<T: Copy> Trie<T> {
     fn new() -> Self {
         Trie {
-            nodes: vec![Node {
-                child: [NONE; 2],
-                value: None,
-            }],
+            nodes: Vec::new(),
+            root: NONE,
             len: 0,
         }
     }
 
-    fn bit(key: u128, depth: u8) -> usize {
-        ((key >> (127 - u32::from(depth))) & 1) as usize
+    fn alloc(&mut self, key: u128, plen: u8, value: Option<T>) -> u32 {
+        self.nodes.push(Node {
+            key: key & mask(plen),
+            plen,
+            child: [NONE; 2],
+            value,
+        });
+        // Arena index fits u32: a table of 4 billion nodes is not a real configuration.
+        (self.nodes.len() - 1) as u32
     }
 
     fn insert(&mut self, key: u128, plen: u8, value: T) -> Option<T> {
-        let mut at = 0usize;
-        for depth in 0..plen {
-            let b = Self::bit(key, depth);
-            let next = self.nodes[at].child[b];
-            at = if next == NONE {
-                let idx = self.nodes.len();
-                self.nodes.push(Node {
-                    child: [NONE; 2],
-                    value: None,
-                });
-                // Arena index fits u32: a table of 4 billion nodes is not a real configuration.
-                self.nodes[at].child[b] = idx as u32;
-                idx
+        let key = key & mask(plen);
+        // `slot` is where the link to the current node lives: (parent, side) or the root.
+        let mut parent: Option<(u32, usize)> = None;
+        let mut at = self.root;
+        while at != NONE {
+            let n = &self.nodes[at as usize];
+            if n.plen > plen || (n.key ^ key) & mask(n.plen) != 0 {
+                break;
+            }
+            if n.plen == plen {
+                let old = self.nodes[at as usize].value.replace(value);
+                if old.is_none() {
+                    self.len += 1;
+                }
+                return old;
+            }
+            let side = bit(key, n.plen);
+            parent = Some((at, side));
+            at = n.child[side];
+        }
+        self.len += 1;
+        let new = self.alloc(key, plen, Some(value));
+        let replacement = if at == NONE {
+            new
+        } else {
+            // `at` does not lie under the new prefix path: split at the common bits.
+            let other = self.nodes[at as usize].key;
+            let common = ((other ^ key).leading_zeros() as u8)
+                .min(plen)
+                .min(self.nodes[at as usize].plen);
+            if common == plen {
+                // The new prefix covers `at`: it becomes `at`'s parent.
+                self.nodes[new as usize].child[bit(other, plen)] = at;
+                new
             } else {
-                next as usize
-            };
+                let mid = self.alloc(key, common, None);
+                self.nodes[mid as usize].child[bit(other, common)] = at;
+                self.nodes[mid as usize].child[bit(key, common)] = new;
+                mid
+            }
+        };
+        match parent {
+            Some((p, side)) => self.nodes[p as usize].child[side] = replacement,
+            None => self.root = replacement,
         }
-        let old = self.nodes[at].value.replace(value);
-        if old.is_none() {
-            self.len += 1;
-        }
-        old
+        None
     }
 
     fn find_node(&self, key: u128, plen: u8) -> Option<usize> {
-        let mut at = 0usize;
-        for depth in 0..plen {
-            let next = self.nodes[at].child[Self::bit(key, depth)];
-            if next == NONE {
+        let key = key & mask(plen);
+        let mut at = self.root;
+        while at != NONE {
+            let n = &self.nodes[at as usize];
+            if n.plen > plen || (n.key ^ key) & mask(n.plen) != 0 {
                 return None;
             }
-            at = next as usize;
+            if n.plen == plen {
+                return Some(at as usize);
+            }
+            at = n.child[bit(key, n.plen)];
         }
-        Some(at)
+        None
     }
 
     fn exact(&self, key: u128, plen: u8) -> Option<T> {
@@ -84,44 +139,45 @@ impl<T: Copy> Trie<T> {
         if old.is_some() {
             self.len -= 1;
         }
-        // Empty branches stay in the arena until the next `retain` compacts it.
+        // The emptied node stays as a branching node until the next `retain` compacts it.
         old
     }
 
     #[inline]
     fn lookup(&self, key: u128, width: u8) -> Option<T> {
-        let mut at = 0usize;
-        let mut best = self.nodes[0].value;
-        for depth in 0..width {
-            let next = self.nodes[at].child[Self::bit(key, depth)];
-            if next == NONE {
+        let mut best = None;
+        let mut at = self.root;
+        while at != NONE {
+            let n = &self.nodes[at as usize];
+            if (n.key ^ key) & mask(n.plen) != 0 {
                 break;
             }
-            at = next as usize;
-            if let Some(v) = self.nodes[at].value {
-                best = Some(v);
+            if n.value.is_some() {
+                best = n.value;
             }
+            if n.plen >= width {
+                break;
+            }
+            at = n.child[bit(key, n.plen)];
         }
         best
     }
 
-    /// Every `(key, plen, value)`, in trie (address) order, shorter prefixes first.
+    /// Every `(key, plen, value)`, in address order, shorter prefixes first.
     fn entries(&self) -> Vec<(u128, u8, T)> {
         let mut out = Vec::with_capacity(self.len);
-        let mut stack = vec![(0usize, 0u128, 0u8)];
-        while let Some((at, key, depth)) = stack.pop() {
-            let node = &self.nodes[at];
-            if let Some(v) = node.value {
-                out.push((key, depth, v));
+        let mut stack = vec![self.root];
+        while let Some(at) = stack.pop() {
+            if at == NONE {
+                continue;
+            }
+            let n = &self.nodes[at as usize];
+            if let Some(v) = n.value {
+                out.push((n.key, n.plen, v));
             }
             // Push 1 first so 0 is visited first.
-            for b in [1usize, 0] {
-                let c = node.child[b];
-                if c != NONE {
-                    let k = key | ((b as u128) << (127 - u32::from(depth)));
-                    stack.push((c as usize, k, depth + 1));
-                }
-            }
+            stack.push(n.child[1]);
+            stack.push(n.child[0]);
         }
         out
     }
