@@ -3,6 +3,7 @@
 
 pub mod allowed_ips;
 pub mod key;
+pub mod offload;
 pub mod path;
 pub mod plan;
 pub mod uapi;
