@@ -3,6 +3,12 @@
 //! (epoll) the TUN fd, the UDP sockets, a control eventfd (UAPI requests from the control
 //! thread) and a signalfd, and ticks the WireGuard timers every [`TICK`]. Packet buffers are
 //! owned by the device and reused; nothing on the steady-state path allocates or logs.
+//!
+//! With an uplinks file (issue 5) the device also drives one sans-IO [`PathAgent`] per
+//! skymesh-managed peer (see
+//! `paths.rs`): one socket per uplink, netlink link events on the same epoll, probes inside
+//! the peer's session, and the epoll timeout is the earlier of the WireGuard tick and the
+//! agents' `poll_timeout`.
 
 use std::collections::HashMap;
 use std::io;
@@ -18,8 +24,13 @@ use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 use skymesh_agent_core::allowed_ips::AllowedIps;
 use skymesh_agent_core::key::Key;
+use skymesh_agent_core::path::{
+    LinkState, PathAgent, PathEvent, PathId, ProbeMessage, RemoteEndpoint, Role, UplinkId,
+};
 use skymesh_agent_core::uapi::{errno, DeviceInfo, PeerChange, PeerInfo, SetRequest, Setting};
 
+use crate::netlink::{self, LinkChange, LinkMonitor};
+use crate::paths::{self, FailoverSetup, PeerPaths, StatusReport, PROBE_PACKET_LEN};
 use crate::sys::{self, Epoll, EventFd, SignalFd, Tun};
 use crate::uplink::Uplinks;
 
@@ -37,7 +48,8 @@ const BATCH: usize = 64;
 const TOKEN_TUN: u64 = 0;
 const TOKEN_CTL: u64 = 1;
 const TOKEN_SIGNAL: u64 = 2;
-const TOKEN_UDP: u64 = 3; // + uplink index
+const TOKEN_NETLINK: u64 = 3;
+const TOKEN_UDP: u64 = 4; // + socket index
 
 /// A request from the control (UAPI) thread.
 pub(crate) enum Command {
@@ -45,6 +57,20 @@ pub(crate) enum Command {
     Get(SyncSender<DeviceInfo>),
     /// `set=1`, answered with the errno (0 = applied).
     Set(SetRequest, SyncSender<i32>),
+    /// Candidate endpoints of a skymesh peer (from the netmap or the uplinks file). Kept for
+    /// a peer added later; an empty list makes the peer unmanaged again (standard roaming).
+    /// Answered with 0, or `errno::INVALID` without an uplinks config (then the first
+    /// endpoint becomes the peer's endpoint if it has none, and nothing else changes).
+    SetPeerPaths {
+        /// The peer's public key.
+        key: Key,
+        /// Its endpoints; the tier is the peer's priority for the uplink behind each.
+        endpoints: Vec<RemoteEndpoint>,
+        /// Errno (0 = applied).
+        reply: SyncSender<i32>,
+    },
+    /// Path and uplink status for `skymesh-agent status` and metrics.
+    Status(SyncSender<StatusReport>),
 }
 
 /// Counters of dropped input, kept per device; logged at shutdown and on demand.
@@ -68,6 +94,8 @@ pub(crate) struct DropCounters {
     pub(crate) cookies_sent: u64,
     /// Send or TUN write failures.
     pub(crate) io_errors: u64,
+    /// Authenticated probe replies that matched no outstanding probe on their path.
+    pub(crate) probe_unmatched: u64,
 }
 
 struct Peer {
@@ -75,6 +103,10 @@ struct Peer {
     preshared_key: Option<Key>,
     persistent_keepalive: u16,
     endpoint: Option<SocketAddr>,
+    /// The uplink socket the endpoint is reached through (`None`: the wildcard socket).
+    via: Option<UplinkId>,
+    /// Failover state of a skymesh-managed peer (`None`: standard roaming).
+    paths: Option<Box<PeerPaths>>,
     /// 24-bit index: boringtun puts it in the top bits of every session's receiver index.
     index: u32,
     /// `None` while the device has no private key.
@@ -110,6 +142,21 @@ pub(crate) struct Device {
     drops: DropCounters,
     rx_buf: Box<[u8]>,
     tx_buf: Box<[u8]>,
+    failover: Option<Failover>,
+}
+
+/// Failover state shared by all managed peers.
+struct Failover {
+    setup: FailoverSetup,
+    /// Candidate endpoints by peer key, including peers not (yet) configured.
+    candidates: HashMap<Key, Vec<RemoteEndpoint>>,
+    names: Vec<String>,
+    /// Per uplink: the interface index (once known) and whether it is up.
+    links: Vec<(Option<u32>, bool)>,
+    monitor: LinkMonitor,
+    /// When some agent's `poll_timeout` may be due (earliest known).
+    deadline: Option<Instant>,
+    min_fast: Duration,
 }
 
 /// Handles the control thread uses to reach the data plane.
@@ -120,14 +167,45 @@ pub(crate) struct Control {
 impl Device {
     /// Creates TUN `iface` (MTU 1420, as wireguard-go) and binds a random UDP port. The
     /// shutdown signals must already be blocked ([`SignalFd::block_signals`]).
-    pub(crate) fn new(iface: &str, ctl_rx: Receiver<Command>) -> anyhow::Result<(Device, Control)> {
+    pub(crate) fn new(
+        iface: &str,
+        ctl_rx: Receiver<Command>,
+        setup: Option<FailoverSetup>,
+    ) -> anyhow::Result<(Device, Control)> {
         use anyhow::Context as _;
         let tun = Tun::create(iface).with_context(|| format!("creating TUN {iface}"))?;
         sys::set_mtu(iface, 1420).with_context(|| format!("setting MTU of {iface}"))?;
         let epoll = Epoll::new().context("epoll_create")?;
         let ctl = Arc::new(EventFd::new().context("eventfd")?);
         let signals = SignalFd::new().context("signalfd")?;
-        let uplinks = Uplinks::bind(0, 0).context("binding UDP socket")?;
+        let specs: Vec<_> = setup
+            .as_ref()
+            .map(|s| s.config.uplinks().cloned().collect())
+            .unwrap_or_default();
+        let uplinks = Uplinks::bind(0, 0, &specs).context("binding UDP sockets")?;
+        let failover = match setup {
+            Some(setup) => {
+                let monitor = LinkMonitor::open().context("rtnetlink link monitor")?;
+                epoll.add(monitor.raw_fd(), TOKEN_NETLINK)?;
+                let links = specs
+                    .iter()
+                    .map(|u| match &u.interface {
+                        Some(i) => (sys::if_index(i).ok(), netlink::link_running(i)),
+                        None => (None, true),
+                    })
+                    .collect();
+                Some(Failover {
+                    candidates: setup.peers.clone(),
+                    names: specs.iter().map(|u| u.name.clone()).collect(),
+                    links,
+                    monitor,
+                    deadline: None,
+                    min_fast: setup.min_fast_interval(),
+                    setup,
+                })
+            }
+            None => None,
+        };
         epoll.add(tun.raw_fd(), TOKEN_TUN)?;
         epoll.add(ctl.raw_fd(), TOKEN_CTL)?;
         epoll.add(signals.raw_fd(), TOKEN_SIGNAL)?;
@@ -149,6 +227,7 @@ impl Device {
             drops: DropCounters::default(),
             rx_buf: vec![0u8; BUF_LEN].into_boxed_slice(),
             tx_buf: vec![0u8; BUF_LEN + 64].into_boxed_slice(),
+            failover,
         };
         dev.register_uplinks()?;
         Ok((dev, Control { wake: ctl }))
@@ -172,7 +251,12 @@ impl Device {
                 self.tick();
                 next_tick = now + TICK;
             }
-            let wait = next_tick.saturating_duration_since(Instant::now());
+            self.drive_paths(now);
+            let wake = match self.failover.as_ref().and_then(|f| f.deadline) {
+                Some(d) => d.min(next_tick),
+                None => next_tick,
+            };
+            let wait = wake.saturating_duration_since(Instant::now());
             let timeout = i32::try_from(wait.as_millis()).unwrap_or(i32::MAX).max(1);
             let n = self.epoll.wait(&mut events, timeout)?;
             for ev in &events[..n] {
@@ -181,6 +265,7 @@ impl Device {
                         .handle_tun()
                         .map_err(|e| anyhow::anyhow!("TUN {} unusable: {e}", self.iface))?,
                     TOKEN_CTL => self.handle_control(),
+                    TOKEN_NETLINK => self.handle_netlink(),
                     TOKEN_SIGNAL => {
                         if let Some(sig) = self.signals.read() {
                             tracing::info!(signal = sig, "shutting down");
@@ -207,6 +292,16 @@ impl Device {
                     };
                     let _ = reply.send(code);
                 }
+                Command::SetPeerPaths {
+                    key,
+                    endpoints,
+                    reply,
+                } => {
+                    let _ = reply.send(self.set_peer_paths(key, endpoints));
+                }
+                Command::Status(reply) => {
+                    let _ = reply.send(self.status());
+                }
             }
         }
     }
@@ -216,6 +311,7 @@ impl Device {
     /// Reads and encapsulates up to [`BATCH`] packets. Err only when the TUN is unusable
     /// (deleted from outside): then the device stops, as wireguard-go does.
     fn handle_tun(&mut self) -> io::Result<()> {
+        let now = Instant::now();
         for _ in 0..BATCH {
             let n = match self.tun.read(&mut self.rx_buf) {
                 Ok(n) => n,
@@ -242,10 +338,18 @@ impl Device {
             };
             match tunn.encapsulate(pkt, &mut self.tx_buf) {
                 TunnResult::WriteToNetwork(out) => match peer.endpoint {
-                    Some(ep) => match self.uplinks.send(ep, out) {
-                        Ok(sent) => peer.tx_bytes += sent as u64,
-                        Err(_) => self.drops.io_errors += 1,
-                    },
+                    Some(ep) => {
+                        match send_to(&self.uplinks, peer.via, ep, out) {
+                            Ok(sent) => peer.tx_bytes += sent as u64,
+                            Err(_) => self.drops.io_errors += 1,
+                        }
+                        if let (Some(pp), Some(f)) = (peer.paths.as_mut(), self.failover.as_mut()) {
+                            pp.agent.handle_data_sent(now);
+                            // The agent may now want a probe a fast interval from now.
+                            let soon = now + f.min_fast;
+                            f.deadline = Some(f.deadline.map_or(soon, |d| d.min(soon)));
+                        }
+                    }
                     None => self.drops.no_endpoint += 1,
                 },
                 TunnResult::Err(_) => self.drops.rejected += 1,
@@ -345,6 +449,8 @@ impl Device {
             return;
         };
         let mut authenticated = false;
+        let mut data = false;
+        let mut probe = None;
         let mut res = tunn.decapsulate(Some(src.ip()), datagram, &mut self.tx_buf);
         loop {
             match res {
@@ -363,7 +469,12 @@ impl Device {
                 }
                 TunnResult::WriteToTunnelV4(pkt, from) => {
                     authenticated = true;
-                    if self.allowed.lookup_v4(from) == Some(slot as u32) {
+                    // Probes are answered or consumed here, before the source check and the
+                    // TUN: WireGuard has authenticated the peer (see `paths.rs`).
+                    if let Some(p) = paths::parse_probe(pkt) {
+                        probe = Some(p);
+                    } else if self.allowed.lookup_v4(from) == Some(slot as u32) {
+                        data = true;
                         if self.tun.write(pkt).is_err() {
                             self.drops.io_errors += 1;
                         }
@@ -374,6 +485,7 @@ impl Device {
                 TunnResult::WriteToTunnelV6(pkt, from) => {
                     authenticated = true;
                     if self.allowed.lookup_v6(from) == Some(slot as u32) {
+                        data = true;
                         if self.tun.write(pkt).is_err() {
                             self.drops.io_errors += 1;
                         }
@@ -384,13 +496,67 @@ impl Device {
             }
             break;
         }
-        if authenticated {
-            peer.rx_bytes += n as u64;
-            // Roaming: an authenticated message moves the endpoint (not a cookie reply, which
-            // only proves the sender saw our MAC1).
-            if !is_cookie && peer.endpoint != Some(src) {
-                peer.endpoint = Some(src);
+        if !authenticated {
+            return;
+        }
+        peer.rx_bytes += n as u64;
+        let path = self.uplinks.uplink_of(uplink).map(|u| PathId {
+            uplink: u,
+            remote: src,
+        });
+        let mut drive = false;
+        match (peer.paths.as_mut(), path) {
+            (Some(pp), Some(path)) => {
+                let now = Instant::now();
+                match probe {
+                    Some(ProbeMessage::Reply { nonce }) => {
+                        match pp.agent.handle_probe_reply(path, nonce, now) {
+                            Ok(rtt) => {
+                                tracing::trace!(%path, ?rtt, "probe reply");
+                                drive = true;
+                            }
+                            Err(e) => {
+                                tracing::trace!(%path, error = %e, "probe reply ignored");
+                                pp.unmatched_replies += 1;
+                                self.drops.probe_unmatched += 1;
+                            }
+                        }
+                    }
+                    Some(ProbeMessage::Request { .. }) => {
+                        pp.agent.handle_authenticated_rx(path, now)
+                    }
+                    None if data => {
+                        pp.agent.handle_peer_data(path, now);
+                        // A follower moves to the chooser's path: apply it now.
+                        drive = pp.agent.active_path() != pp.applied;
+                    }
+                    None => pp.agent.handle_authenticated_rx(path, now),
+                }
             }
+            (Some(_), None) => {}
+            (None, _) => {
+                // Roaming: an authenticated message moves the endpoint (not a cookie reply,
+                // which only proves the sender saw our MAC1; not a probe, which must not move
+                // traffic).
+                if !is_cookie && probe.is_none() && peer.endpoint != Some(src) {
+                    peer.endpoint = Some(src);
+                    peer.via = None;
+                }
+            }
+        }
+        if let Some(ProbeMessage::Request { nonce }) = probe {
+            // Answer on the path it came in on, inside the same session.
+            let mut inner = [0u8; PROBE_PACKET_LEN];
+            paths::build_probe(ProbeMessage::Reply { nonce }, &mut inner);
+            if let TunnResult::WriteToNetwork(out) = tunn.encapsulate(&inner, &mut self.tx_buf) {
+                match self.uplinks.send_via(uplink, src, out) {
+                    Ok(sent) => peer.tx_bytes += sent as u64,
+                    Err(_) => self.drops.io_errors += 1,
+                }
+            }
+        }
+        if drive {
+            self.drive_peer(slot);
         }
     }
 
@@ -411,7 +577,7 @@ impl Device {
             match tunn.update_timers(&mut self.tx_buf) {
                 TunnResult::WriteToNetwork(out) => {
                     if let Some(ep) = peer.endpoint {
-                        match self.uplinks.send(ep, out) {
+                        match send_to(&self.uplinks, peer.via, ep, out) {
                             Ok(sent) => peer.tx_bytes += sent as u64,
                             Err(_) => self.drops.io_errors += 1,
                         }
@@ -474,7 +640,12 @@ impl Device {
         };
         let new_uplinks = match req.listen_port {
             Some(p) if p == 0 || p != self.uplinks.port() => {
-                Some(Uplinks::bind(p, new_mark).map_err(|e| {
+                let specs: Vec<_> = self
+                    .failover
+                    .as_ref()
+                    .map(|f| f.setup.config.uplinks().cloned().collect())
+                    .unwrap_or_default();
+                Some(Uplinks::bind(p, new_mark, &specs).map_err(|e| {
                     tracing::warn!(port = p, error = %e, "cannot bind listen port");
                     if e.kind() == io::ErrorKind::AddrInUse {
                         errno::PORT_IN_USE
@@ -554,8 +725,15 @@ impl Device {
         if let Some(own) = self.local.as_ref().map(|l| Key(l.public.to_bytes())) {
             self.remove_peer(&own);
         }
+        let now = Instant::now();
         for slot in 0..self.peers.len() {
             self.rebuild_tunn(slot);
+            if let Some(peer) = self.peers[slot].as_mut() {
+                if let Some(pp) = peer.paths.as_mut() {
+                    pp.agent
+                        .set_role(role_for(self.local.as_ref(), &peer.public_key), now);
+                }
+            }
         }
         tracing::info!(has_key = self.local.is_some(), "private key changed");
     }
@@ -630,8 +808,9 @@ impl Device {
                             p.persistent_keepalive = 0;
                             p.tunn = None;
                         }
-                        if change.endpoint.is_none() {
+                        if change.endpoint.is_none() && p.paths.is_none() {
                             p.endpoint = None;
+                            p.via = None;
                         }
                     }
                     self.allowed.retain(|_, s| *s as usize != slot);
@@ -646,6 +825,8 @@ impl Device {
                     preshared_key: None,
                     persistent_keepalive: 0,
                     endpoint: None,
+                    via: None,
+                    paths: None,
                     index,
                     tunn: None,
                     tx_bytes: 0,
@@ -664,6 +845,7 @@ impl Device {
                 };
                 self.by_key.insert(change.public_key, slot);
                 self.by_index.insert(index, slot);
+                self.attach_paths(slot);
                 tracing::debug!(peer = %change.public_key.to_base64(), "peer added");
                 slot
             }
@@ -688,7 +870,13 @@ impl Device {
             }
         }
         if let Some(ep) = change.endpoint {
-            peer.endpoint = Some(ep);
+            if peer.paths.is_none() {
+                peer.endpoint = Some(ep);
+                peer.via = None;
+            } else {
+                // A managed peer's endpoint follows its path agent.
+                tracing::debug!(peer = %change.public_key.to_base64(), "endpoint of a managed peer ignored");
+            }
         }
         if change.replace_allowed_ips {
             self.allowed.retain(|_, s| *s as usize != slot);
@@ -705,6 +893,293 @@ impl Device {
         }
     }
 
+    // ---------------------------------------------------------------- failover
+
+    /// Gives a peer its path agent if candidate endpoints are known for it.
+    fn attach_paths(&mut self, slot: usize) {
+        let Some(f) = self.failover.as_mut() else {
+            return;
+        };
+        let Some(peer) = self.peers.get_mut(slot).and_then(Option::as_mut) else {
+            return;
+        };
+        let Some(eps) = f.candidates.get(&peer.public_key) else {
+            return;
+        };
+        let now = Instant::now();
+        let mut agent = PathAgent::new(&f.setup.config, eps, nonce_seed(), now);
+        for (i, &(_, up)) in f.links.iter().enumerate() {
+            if let (false, Ok(id)) = (up, u8::try_from(i)) {
+                agent.handle_link_event(UplinkId(id), LinkState::Down, now);
+            }
+        }
+        agent.set_role(role_for(self.local.as_ref(), &peer.public_key), now);
+        tracing::info!(
+            peer = %peer.public_key.to_base64(),
+            role = ?agent.role(),
+            paths = agent.path_stats().count(),
+            "peer managed by failover"
+        );
+        peer.paths = Some(Box::new(PeerPaths {
+            agent,
+            applied: None,
+            unmatched_replies: 0,
+        }));
+        self.drive_peer(slot);
+    }
+
+    /// Sets (or, with an empty list, clears) a peer's candidate endpoints.
+    fn set_peer_paths(&mut self, key: Key, endpoints: Vec<RemoteEndpoint>) -> i32 {
+        let slot = self.by_key.get(&key).copied();
+        let Some(f) = self.failover.as_mut() else {
+            // No uplinks config: one socket, standard WireGuard. The best endpoint becomes the
+            // peer's endpoint if it has none; roaming does the rest.
+            let best = endpoints.iter().min_by_key(|e| e.priority).map(|e| e.addr);
+            if let Some(p) = slot.and_then(|s| self.peers[s].as_mut()) {
+                if p.endpoint.is_none() {
+                    p.endpoint = best;
+                }
+            }
+            return 0;
+        };
+        let now = Instant::now();
+        if endpoints.is_empty() {
+            f.candidates.remove(&key);
+            if let Some(p) = slot.and_then(|s| self.peers[s].as_mut()) {
+                p.paths = None;
+                p.via = None;
+            }
+            return 0;
+        }
+        f.candidates.insert(key, endpoints.clone());
+        let Some(slot) = slot else { return 0 };
+        let managed = match self.peers[slot].as_mut().and_then(|p| p.paths.as_mut()) {
+            Some(pp) => {
+                pp.agent.set_remote_endpoints(&endpoints, now);
+                true
+            }
+            None => false,
+        };
+        if managed {
+            self.drive_peer(slot);
+        } else {
+            self.attach_paths(slot);
+        }
+        0
+    }
+
+    /// Runs due path-agent timers (called from the event loop on every wake-up).
+    fn drive_paths(&mut self, now: Instant) {
+        let Some(f) = self.failover.as_mut() else {
+            return;
+        };
+        if f.deadline.is_none_or(|d| d > now) {
+            return;
+        }
+        f.deadline = None;
+        for slot in 0..self.peers.len() {
+            let Some(pp) = self.peers[slot].as_mut().and_then(|p| p.paths.as_mut()) else {
+                continue;
+            };
+            if pp.agent.poll_timeout().is_some_and(|t| t <= now) {
+                pp.agent.handle_timeout(now);
+            }
+            self.drive_peer(slot);
+        }
+    }
+
+    /// Drains a peer's agent: sends its probes inside the peer's session on the probed path,
+    /// applies path changes, and folds its next timeout into the device's.
+    fn drive_peer(&mut self, slot: usize) {
+        let Some(f) = self.failover.as_mut() else {
+            return;
+        };
+        let Some(peer) = self.peers.get_mut(slot).and_then(Option::as_mut) else {
+            return;
+        };
+        let Some(pp) = peer.paths.as_mut() else {
+            return;
+        };
+        while let Some(tx) = pp.agent.poll_transmit() {
+            let Some(tunn) = peer.tunn.as_mut() else {
+                continue;
+            };
+            tracing::trace!(path = %tx.path, probe = tx.probe_id.0, "probe");
+            let out = if tunn.time_since_last_handshake().is_none() {
+                // No session: start a handshake on the probed path instead. The probe is not
+                // queued (boringtun would flush it once the session is up, and its late reply
+                // would count as a huge RTT sample); the agent counts it as unanswered.
+                tunn.format_handshake_initiation(&mut self.tx_buf, false)
+            } else {
+                let mut inner = [0u8; PROBE_PACKET_LEN];
+                paths::build_probe(ProbeMessage::Request { nonce: tx.nonce }, &mut inner);
+                tunn.encapsulate(&inner, &mut self.tx_buf)
+            };
+            if let TunnResult::WriteToNetwork(out) = out {
+                match self.uplinks.send_on(tx.path.uplink, tx.path.remote, out) {
+                    Ok(sent) => peer.tx_bytes += sent as u64,
+                    Err(_) => self.drops.io_errors += 1,
+                }
+            }
+        }
+        while let Some(PathEvent::PathChanged { from, to, reason }) = pp.agent.poll_event() {
+            if let Some(to) = to {
+                peer.endpoint = Some(to.remote);
+                peer.via = Some(to.uplink);
+            }
+            pp.applied = to;
+            tracing::info!(
+                peer = %peer.public_key.to_base64(),
+                from = %describe(&f.names, from),
+                to = %describe(&f.names, to),
+                reason = reason.as_str(),
+                switches = pp.agent.switch_count(),
+                "path changed"
+            );
+        }
+        if let Some(t) = pp.agent.poll_timeout() {
+            f.deadline = Some(f.deadline.map_or(t, |d| d.min(t)));
+        }
+    }
+
+    /// Netlink link/address notifications: uplinks going down or up.
+    fn handle_netlink(&mut self) {
+        let Some(f) = self.failover.as_mut() else {
+            return;
+        };
+        let mut changes = Vec::new();
+        if let Err(e) = f.monitor.drain(|c| changes.push(c)) {
+            // Overrun: re-read the state of every interface uplink.
+            tracing::warn!(error = %e, "netlink monitor overrun; re-reading link states");
+            for u in f.setup.config.uplinks() {
+                if let Some(name) = &u.interface {
+                    changes.push(LinkChange::Link {
+                        index: sys::if_index(name).unwrap_or(0),
+                        name: name.clone(),
+                        running: netlink::link_running(name),
+                    });
+                }
+            }
+        }
+        let mut events = Vec::new();
+        for c in &changes {
+            for (i, u) in f.setup.config.uplinks().enumerate() {
+                let (idx, up) = &mut f.links[i];
+                let now_up = match c {
+                    LinkChange::Link {
+                        index,
+                        name,
+                        running,
+                    } if u.interface.as_deref() == Some(name.as_str()) => {
+                        *idx = Some(*index);
+                        *running
+                    }
+                    LinkChange::Removed { index } if *idx == Some(*index) => {
+                        *idx = None;
+                        false
+                    }
+                    LinkChange::Address { addr, added, .. } if u.source_address == Some(*addr) => {
+                        *added
+                    }
+                    _ => continue,
+                };
+                if now_up != *up {
+                    *up = now_up;
+                    tracing::info!(uplink = %u.name, up = now_up, "uplink state changed");
+                    if let Ok(id) = u8::try_from(i) {
+                        let state = if now_up {
+                            LinkState::Up
+                        } else {
+                            LinkState::Down
+                        };
+                        events.push((UplinkId(id), state));
+                    }
+                }
+            }
+        }
+        if events.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        for slot in 0..self.peers.len() {
+            let Some(pp) = self.peers[slot].as_mut().and_then(|p| p.paths.as_mut()) else {
+                continue;
+            };
+            for &(id, state) in &events {
+                pp.agent.handle_link_event(id, state, now);
+            }
+            self.drive_peer(slot);
+        }
+    }
+
+    fn status(&self) -> StatusReport {
+        let now = Instant::now();
+        let (uplinks, names) = match &self.failover {
+            Some(f) => (
+                f.setup
+                    .config
+                    .uplinks()
+                    .zip(&f.links)
+                    .map(|(u, &(_, up))| paths::UplinkStatus {
+                        name: u.name.clone(),
+                        kind: u.kind.as_str().to_owned(),
+                        priority: u.priority,
+                        interface: u.interface.clone(),
+                        up,
+                    })
+                    .collect(),
+                f.names.as_slice(),
+            ),
+            None => (Vec::new(), &[][..]),
+        };
+        let peers = self
+            .peers
+            .iter()
+            .flatten()
+            .map(|p| {
+                let mut st = paths::PeerStatus {
+                    public_key: p.public_key.to_base64(),
+                    endpoint: p.endpoint,
+                    role: None,
+                    active_uplink: None,
+                    active_remote: None,
+                    switch_count: 0,
+                    last_switch_reason: None,
+                    last_switch_secs_ago: None,
+                    unmatched_probe_replies: 0,
+                    rx_bytes: p.rx_bytes,
+                    tx_bytes: p.tx_bytes,
+                    paths: Vec::new(),
+                };
+                if let Some(pp) = &p.paths {
+                    let (active, switches, reason, ago, paths) =
+                        paths::peer_path_status(pp, names, now);
+                    st.role = Some(
+                        match pp.agent.role() {
+                            Role::Chooser => "chooser",
+                            Role::Follower => "follower",
+                        }
+                        .to_owned(),
+                    );
+                    st.active_uplink = active;
+                    st.active_remote = pp.agent.active_path().map(|a| a.remote);
+                    st.switch_count = switches;
+                    st.last_switch_reason = reason;
+                    st.last_switch_secs_ago = ago;
+                    st.unmatched_probe_replies = pp.unmatched_replies;
+                    st.paths = paths;
+                }
+                st
+            })
+            .collect();
+        StatusReport {
+            iface: self.iface.clone(),
+            listen_port: self.uplinks.port(),
+            uplinks,
+            peers,
+        }
+    }
+
     /// Sends a handshake initiation to a peer with a known endpoint.
     fn kick(&mut self, slot: usize) {
         let Some(peer) = self.peers.get_mut(slot).and_then(Option::as_mut) else {
@@ -716,10 +1191,61 @@ impl Device {
         if let TunnResult::WriteToNetwork(out) =
             tunn.format_handshake_initiation(&mut self.tx_buf, false)
         {
-            match self.uplinks.send(ep, out) {
+            match send_to(&self.uplinks, peer.via, ep, out) {
                 Ok(sent) => peer.tx_bytes += sent as u64,
                 Err(_) => self.drops.io_errors += 1,
             }
         }
+    }
+}
+
+/// Sends through the peer's uplink socket, or the wildcard socket of the family.
+#[inline]
+fn send_to(
+    uplinks: &Uplinks,
+    via: Option<UplinkId>,
+    ep: SocketAddr,
+    buf: &[u8],
+) -> io::Result<usize> {
+    match via {
+        Some(u) => uplinks.send_on(u, ep, buf),
+        None => uplinks.send(ep, buf),
+    }
+}
+
+/// The end of a pair whose public key sorts lower chooses the path (see
+/// [`Role`]); without a private key this end chooses.
+fn role_for(local: Option<&LocalKey>, peer: &Key) -> Role {
+    match local {
+        Some(l) if l.public.as_bytes() > &peer.0 => Role::Follower,
+        _ => Role::Chooser,
+    }
+}
+
+/// A nonce seed from the OS CSPRNG (the driver contract of the path agent).
+fn nonce_seed() -> u64 {
+    use rand_core::RngCore as _;
+    let mut b = [0u8; 8];
+    // A broken OS RNG leaves the clock as seed: nonces must be unique, and authenticity comes
+    // from WireGuard, not from the nonce.
+    if rand_core::OsRng.try_fill_bytes(&mut b).is_err() {
+        let t = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        b = t.to_le_bytes();
+    }
+    u64::from_le_bytes(b)
+}
+
+fn describe(names: &[String], p: Option<PathId>) -> String {
+    match p {
+        Some(p) => format!(
+            "{}->{}",
+            names
+                .get(usize::from(p.uplink.0))
+                .map_or("?", String::as_str),
+            p.remote
+        ),
+        None => "none".to_owned(),
     }
 }

@@ -1,6 +1,7 @@
 //! A small synchronous rtnetlink client: exactly the requests `up`/`down` need (addresses, MTU,
 //! link up, device routes), each acknowledged before the next. Messages are plain
-//! `netlink-packet-route` data; [`Rtnl::request`] is the only I/O.
+//! `netlink-packet-route` data; [`Rtnl::request`] is the only I/O. [`LinkMonitor`] is the
+//! data plane's non-blocking subscription to link and address notifications (uplink failover).
 
 use std::io;
 use std::net::IpAddr;
@@ -143,4 +144,128 @@ fn route_message(index: u32, net: IpNet) -> RouteMessage {
     }
     m.attributes.push(RouteAttribute::Oif(index));
     m
+}
+
+/// A link or address change the device cares about (see [`LinkMonitor`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum LinkChange {
+    /// A link appeared or changed: its index, name and whether it is operationally up
+    /// (administratively up with carrier).
+    Link {
+        index: u32,
+        name: String,
+        running: bool,
+    },
+    /// A link was deleted.
+    Removed { index: u32 },
+    /// An address was added to (`added`) or removed from a link.
+    Address {
+        index: u32,
+        addr: IpAddr,
+        added: bool,
+    },
+}
+
+/// A non-blocking NETLINK_ROUTE socket subscribed to link and address multicast groups,
+/// polled by the data plane next to its other fds.
+pub(crate) struct LinkMonitor {
+    sock: Socket,
+    buf: Vec<u8>,
+}
+
+impl LinkMonitor {
+    pub(crate) fn open() -> io::Result<LinkMonitor> {
+        let mut sock = Socket::new(NETLINK_ROUTE)?;
+        let groups =
+            (libc::RTMGRP_LINK | libc::RTMGRP_IPV4_IFADDR | libc::RTMGRP_IPV6_IFADDR) as u32;
+        sock.bind(&SocketAddr::new(0, groups))?;
+        sock.set_non_blocking(true)?;
+        Ok(LinkMonitor {
+            sock,
+            buf: vec![0u8; 64 * 1024],
+        })
+    }
+
+    pub(crate) fn raw_fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.sock)
+    }
+
+    /// Reads every pending notification and passes the relevant ones to `f`. An overrun
+    /// (`ENOBUFS`) is reported as `Err` so the caller can re-read link states.
+    pub(crate) fn drain(&mut self, mut f: impl FnMut(LinkChange)) -> io::Result<()> {
+        loop {
+            let n = match self.sock.recv(&mut &mut self.buf[..], 0) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            let mut off = 0;
+            while off < n {
+                let Ok(msg) = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&self.buf[off..n])
+                else {
+                    break;
+                };
+                let len = msg.header.length as usize;
+                if let NetlinkPayload::InnerMessage(inner) = msg.payload {
+                    if let Some(change) = link_change(inner) {
+                        f(change);
+                    }
+                }
+                if len == 0 {
+                    break;
+                }
+                off += (len + 3) & !3;
+            }
+        }
+    }
+}
+
+fn link_change(msg: RouteNetlinkMessage) -> Option<LinkChange> {
+    match msg {
+        RouteNetlinkMessage::NewLink(m) => {
+            let name = m.attributes.iter().find_map(|a| match a {
+                LinkAttribute::IfName(n) => Some(n.clone()),
+                _ => None,
+            })?;
+            let running = m.header.flags.contains(LinkFlags::Up)
+                && m.header.flags.contains(LinkFlags::Running);
+            Some(LinkChange::Link {
+                index: m.header.index,
+                name,
+                running,
+            })
+        }
+        RouteNetlinkMessage::DelLink(m) => Some(LinkChange::Removed {
+            index: m.header.index,
+        }),
+        RouteNetlinkMessage::NewAddress(m) => address_change(&m, true),
+        RouteNetlinkMessage::DelAddress(m) => address_change(&m, false),
+        _ => None,
+    }
+}
+
+fn address_change(m: &AddressMessage, added: bool) -> Option<LinkChange> {
+    let addr = m.attributes.iter().find_map(|a| match a {
+        AddressAttribute::Local(a) => Some(*a),
+        _ => None,
+    });
+    let addr = addr.or_else(|| {
+        m.attributes.iter().find_map(|a| match a {
+            AddressAttribute::Address(a) => Some(*a),
+            _ => None,
+        })
+    })?;
+    Some(LinkChange::Address {
+        index: m.header.index,
+        addr,
+        added,
+    })
+}
+
+/// Whether interface `name` is operationally up, from sysfs (`operstate` `up`, or `unknown`
+/// for devices without carrier reporting). A missing interface is down.
+pub(crate) fn link_running(name: &str) -> bool {
+    std::fs::read_to_string(format!("/sys/class/net/{name}/operstate"))
+        .is_ok_and(|s| matches!(s.trim(), "up" | "unknown"))
 }

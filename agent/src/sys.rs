@@ -280,8 +280,16 @@ pub(crate) fn set_mark(sock: &UdpSocket, mark: u32) -> io::Result<()> {
 }
 
 /// A non-blocking UDP socket bound to `addr`; IPv6 sockets are `IPV6_V6ONLY` so that an IPv4
-/// socket can share the port. Socket buffers are enlarged (best effort) for bursts.
-pub(crate) fn udp_socket(addr: SocketAddr, mark: u32) -> io::Result<UdpSocket> {
+/// socket can share the port. Socket buffers are enlarged (best effort) for bursts. Optionally bound to network interface `device` (`SO_BINDTODEVICE`,
+/// set before `bind` so that one port can be bound once per device) and with `SO_REUSEADDR`
+/// (lets the wildcard socket and the per-uplink sockets share the listen port; the kernel
+/// delivers to the device-bound socket first).
+pub(crate) fn udp_socket_on(
+    addr: SocketAddr,
+    mark: u32,
+    device: Option<&str>,
+    reuse: bool,
+) -> io::Result<UdpSocket> {
     let domain = match addr {
         SocketAddr::V4(_) => libc::AF_INET,
         SocketAddr::V6(_) => libc::AF_INET6,
@@ -302,6 +310,24 @@ pub(crate) fn udp_socket(addr: SocketAddr, mark: u32) -> io::Result<UdpSocket> {
     }
     if mark != 0 {
         set_mark(&sock, mark)?;
+    }
+    if reuse {
+        setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
+    }
+    if let Some(dev) = device {
+        let name = CString::new(dev).map_err(io::Error::other)?;
+        let bytes = name.as_bytes_with_nul();
+        // SAFETY: passes a pointer to a NUL-terminated name that lives across the call, with
+        // its exact length.
+        cvt(unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_BINDTODEVICE,
+                bytes.as_ptr().cast(),
+                bytes.len() as libc::socklen_t,
+            )
+        })?;
     }
     for opt in [libc::SO_RCVBUF, libc::SO_SNDBUF] {
         // Best effort: the kernel caps it at rmem_max/wmem_max.

@@ -1,40 +1,94 @@
-//! The device's UDP sockets. Today one per address family on the listen port ("wildcard
-//! uplinks"); the failover work binds one per uplink interface. Replies leave through the
-//! socket the request arrived on; other traffic takes the first socket of the endpoint's family.
+//! The device's UDP sockets, all on the listen port. Always one wildcard socket per address
+//! family (`0.0.0.0:port`, `[::]:port`): stock WireGuard peers and peers without candidate
+//! paths use them, so routing picks the way out exactly as before. With an uplink config
+//! (issue 5), one more socket per uplink, bound to its interface (`SO_BINDTODEVICE`) and/or
+//! source address; every socket then has `SO_REUSEADDR` so they can share the port, and the
+//! kernel delivers a datagram to the socket bound to the device it arrived on. A datagram's
+//! socket therefore tells which uplink it came in on, and sending through an uplink's socket
+//! makes it leave through that uplink.
 
 use std::io;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::os::fd::{AsRawFd as _, RawFd};
+
+use skymesh_agent_core::path::{UplinkConfig, UplinkId};
 
 use crate::sys;
 
-struct Uplink {
+struct Socket {
     sock: UdpSocket,
     v6: bool,
+    uplink: Option<UplinkId>,
 }
 
 pub(crate) struct Uplinks {
     port: u16,
-    sockets: Vec<Uplink>,
+    sockets: Vec<Socket>,
+    /// Socket index of each uplink, in [`UplinkId`] order.
+    by_uplink: Vec<usize>,
 }
 
 impl Uplinks {
     /// Binds `0.0.0.0:port` and `[::]:port` (IPv6 only if available); port 0 picks one port
-    /// for both.
-    pub(crate) fn bind(port: u16, mark: u32) -> io::Result<Uplinks> {
-        let v4 = sys::udp_socket(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)), mark)?;
+    /// for both. With `uplinks`, also one socket per uplink on the same port.
+    pub(crate) fn bind(port: u16, mark: u32, uplinks: &[UplinkConfig]) -> io::Result<Uplinks> {
+        let reuse = !uplinks.is_empty();
+        let v4 = sys::udp_socket_on(
+            SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)),
+            mark,
+            None,
+            reuse,
+        )?;
         let port = v4.local_addr()?.port();
-        let mut sockets = vec![Uplink {
+        let mut sockets = vec![Socket {
             sock: v4,
             v6: false,
+            uplink: None,
         }];
-        match sys::udp_socket(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)), mark) {
-            Ok(sock) => sockets.push(Uplink { sock, v6: true }),
+        match sys::udp_socket_on(
+            SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)),
+            mark,
+            None,
+            reuse,
+        ) {
+            Ok(sock) => sockets.push(Socket {
+                sock,
+                v6: true,
+                uplink: None,
+            }),
             Err(e) if e.kind() == io::ErrorKind::AddrInUse => return Err(e),
             // IPv6 may be disabled; the device then works over IPv4 only.
             Err(e) => tracing::warn!(error = %e, "no IPv6 UDP socket; IPv4 underlay only"),
         }
-        Ok(Uplinks { port, sockets })
+        let mut by_uplink = Vec::with_capacity(uplinks.len());
+        for (i, u) in uplinks.iter().enumerate() {
+            let ip = u
+                .source_address
+                .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+            let sock = sys::udp_socket_on(
+                SocketAddr::new(ip, port),
+                mark,
+                u.interface.as_deref(),
+                true,
+            )
+            .map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("binding the socket of uplink {:?}: {e}", u.name),
+                )
+            })?;
+            by_uplink.push(sockets.len());
+            sockets.push(Socket {
+                sock,
+                v6: ip.is_ipv6(),
+                uplink: u8::try_from(i).ok().map(UplinkId),
+            });
+        }
+        Ok(Uplinks {
+            port,
+            sockets,
+            by_uplink,
+        })
     }
 
     pub(crate) fn port(&self) -> u16 {
@@ -55,7 +109,13 @@ impl Uplinks {
             .try_for_each(|u| sys::set_mark(&u.sock, mark))
     }
 
-    /// Receives one datagram on uplink `i`.
+    /// The uplink socket `i` belongs to (`None` for the wildcard sockets).
+    #[inline]
+    pub(crate) fn uplink_of(&self, i: usize) -> Option<UplinkId> {
+        self.sockets.get(i).and_then(|s| s.uplink)
+    }
+
+    /// Receives one datagram on socket `i`.
     #[inline]
     pub(crate) fn recv(&self, i: usize, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
         match self.sockets.get(i) {
@@ -65,7 +125,7 @@ impl Uplinks {
         }
     }
 
-    /// Sends through uplink `i` (a reply on the uplink the request came in on).
+    /// Sends through socket `i` (a reply on the socket the request came in on).
     #[inline]
     pub(crate) fn send_via(&self, i: usize, to: SocketAddr, buf: &[u8]) -> io::Result<usize> {
         match self.sockets.get(i) {
@@ -74,10 +134,28 @@ impl Uplinks {
         }
     }
 
-    /// Sends through the first socket of `to`'s address family.
+    /// Sends through the socket of `uplink`.
+    #[inline]
+    pub(crate) fn send_on(
+        &self,
+        uplink: UplinkId,
+        to: SocketAddr,
+        buf: &[u8],
+    ) -> io::Result<usize> {
+        match self.by_uplink.get(usize::from(uplink.0)) {
+            Some(&i) => self.send_via(i, to, buf),
+            None => Err(io::ErrorKind::AddrNotAvailable.into()),
+        }
+    }
+
+    /// Sends through the wildcard socket of `to`'s address family.
     #[inline]
     pub(crate) fn send(&self, to: SocketAddr, buf: &[u8]) -> io::Result<usize> {
-        match self.sockets.iter().find(|u| u.v6 == to.is_ipv6()) {
+        match self
+            .sockets
+            .iter()
+            .find(|u| u.uplink.is_none() && u.v6 == to.is_ipv6())
+        {
             Some(u) => u.sock.send_to(buf, to),
             None => Err(io::ErrorKind::AddrNotAvailable.into()),
         }

@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod netmap;
 pub mod policy;
 pub mod secrets;
+pub mod server;
 pub mod signing;
 pub mod store;
 
@@ -92,7 +93,12 @@ pub async fn run_expiry_sweeper(state: AppState) {
     loop {
         tick.tick().await;
         match state.store.sweep_expired(state.clock.now()).await {
-            Ok(ids) if !ids.is_empty() => tracing::info!(nodes = ?ids, "nodes expired"),
+            Ok(ids) if !ids.is_empty() => {
+                tracing::info!(nodes = ?ids, "nodes expired");
+                if let Err(e) = state.publish().await {
+                    tracing::warn!(error = %e.message, "publishing expiries failed");
+                }
+            }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "expiry sweep failed"),
         }

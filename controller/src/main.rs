@@ -9,7 +9,7 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use skymesh_controller::config::Config;
 use skymesh_controller::store::{Actor, Scope, Store};
-use skymesh_controller::{app, open, signing, store_options, Clock};
+use skymesh_controller::{open, signing, store_options, Clock};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -64,6 +64,12 @@ struct ServeArgs {
     /// Largest accepted request body in bytes (overrides `max_body_bytes`).
     #[arg(long, env = "SKYMESH_MAX_BODY_BYTES")]
     max_body_bytes: Option<usize>,
+    /// PEM certificate chain: serve HTTPS (rustls). Without it the API is plain HTTP.
+    #[arg(long, env = "SKYMESH_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for `--tls-cert`.
+    #[arg(long, env = "SKYMESH_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -139,14 +145,21 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let state = open(&config, Clock::System)
         .await
         .context("starting the controller")?;
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(
+            skymesh_controller::server::tls_config(cert, key)
+                .context("loading the TLS certificate")?,
+        ),
+        _ => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let listener = std::net::TcpListener::bind(config.listen)
         .with_context(|| format!("binding {}", config.listen))?;
     let addr = listener.local_addr()?;
     let store = state.store.clone();
     // Write errors are ignored: a closed stdout (detached service) must not kill the server.
     let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "skymesh-controller listening on http://{addr}");
+    let _ = writeln!(out, "skymesh-controller listening on {scheme}://{addr}");
     let _ = writeln!(
         out,
         "  data dir: {}  controller key: {}",
@@ -162,8 +175,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     drop(out);
     tracing::info!(%addr, "serving");
     let sweeper = tokio::spawn(skymesh_controller::run_expiry_sweeper(state.clone()));
-    axum::serve(listener, app(state))
-        .with_graceful_shutdown(shutdown_signal())
+    skymesh_controller::server::serve(listener, state, tls, shutdown_signal())
         .await
         .context("serving")?;
     sweeper.abort();

@@ -14,6 +14,9 @@ pub struct Metrics {
     pub registrations_refused: AtomicU64,
     pub netmaps_served: AtomicU64,
     pub topology_loads: AtomicU64,
+    pub deltas_served: AtomicU64,
+    /// Open netmap streams (a gauge kept in an atomic).
+    pub streams_open: AtomicU64,
 }
 
 impl Metrics {
@@ -59,6 +62,11 @@ impl Metrics {
                 "Topology snapshots loaded from the store (cache misses).",
                 c(&self.topology_loads),
             ),
+            (
+                "skymesh_deltas_served_total",
+                "Signed netmap deltas sent on streams.",
+                c(&self.deltas_served),
+            ),
         ];
         for (name, help, v) in counters {
             let _ = writeln!(
@@ -87,6 +95,11 @@ impl Metrics {
                 "skymesh_enrollment_keys_active",
                 "Enrollment keys not revoked.",
                 stats.enrollment_keys,
+            ),
+            (
+                "skymesh_netmap_streams",
+                "Open netmap streams.",
+                c(&self.streams_open),
             ),
             (
                 "skymesh_audit_entries",

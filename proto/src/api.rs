@@ -56,6 +56,64 @@ pub struct RegisterResponse {
     pub controller_public_key: ControllerPublicKey,
 }
 
+/// The `uplink` name of the endpoint the controller derives from the source address it sees
+/// (the node's public address behind NAT, e.g. Starlink CGNAT): source IP plus the port of the
+/// node's first reported endpoint. Behind a reverse proxy that source is the proxy, so the
+/// controller must then be reached directly for this to be useful.
+pub const REFLEXIVE_UPLINK: &str = "reflexive";
+
+/// Body of `POST /api/v1/node/endpoints`: the node's uplinks as it sees them locally, and
+/// optionally the subnets it offers to route (replacing what it advertised before).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct EndpointsReport {
+    pub endpoints: Vec<Endpoint>,
+    /// `None` leaves the advertised routes alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Vec<String>>))]
+    pub routes: Option<Vec<IpNet>>,
+}
+
+/// One peer's state as the reporting node sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct PeerStatus {
+    pub node_id: NodeId,
+    /// Unix seconds of the last completed handshake; `None` if never.
+    #[serde(default)]
+    pub last_handshake: Option<u64>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    /// The uplink (by name) the peer is currently reached over, if any.
+    #[serde(default)]
+    pub uplink: Option<String>,
+    /// The peer endpoint in use, if any.
+    #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>))]
+    pub endpoint: Option<std::net::SocketAddr>,
+}
+
+/// Body of `POST /api/v1/node/status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct StatusReport {
+    /// The netmap serial the node has applied.
+    pub serial: u64,
+    pub peers: Vec<PeerStatus>,
+}
+
+/// Body of `POST /api/v1/node/rotate-key`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct RotateKeyRequest {
+    /// The node's new WireGuard public key.
+    pub public_key: WgPublicKey,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,11 +5,18 @@
 //! and structs that an agent receives do not deny unknown fields for the same reason.
 
 mod api;
+mod delta;
 mod keys;
 mod netmap;
 mod signed;
 
-pub use api::{NodeState, RegisterRequest, RegisterResponse};
+pub use api::{
+    EndpointsReport, NodeState, PeerStatus, RegisterRequest, RegisterResponse, RotateKeyRequest,
+    StatusReport, REFLEXIVE_UPLINK,
+};
+pub use delta::{
+    diff, sign_delta, ApplyError, NetMapDelta, SignedDelta, StreamEvent, DELTA_SIGNING_CONTEXT,
+};
 pub use keys::{ControllerPublicKey, KeyParseError, NodeId, WgPublicKey};
 pub use netmap::{Endpoint, NetMap, PeerEntry, SelfNode, UplinkKind};
 pub use signed::{sign_netmap, SignedNetMap, VerifyError, NETMAP_SIGNING_CONTEXT};

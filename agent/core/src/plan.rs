@@ -88,11 +88,15 @@ pub fn plan(desired: &NetMap, observed: &DeviceInfo, opts: PlanOptions) -> SetRe
             }
         }
     }
-    for key in have.keys().filter(|k| !want.contains_key(k)) {
+    // Removals go first: a removed peer's allowed IPs may have moved to a new peer in this
+    // same request (a key rotation is "remove old key, add new key, same addresses"), and
+    // removing the old peer after the add must not take the moved prefixes with it.
+    let removals = have.keys().filter(|k| !want.contains_key(k)).map(|key| {
         let mut c = PeerChange::new(*key);
         c.remove = true;
-        peers.push(c);
-    }
+        c
+    });
+    peers.splice(0..0, removals);
     SetRequest {
         peers,
         ..SetRequest::default()
@@ -189,6 +193,21 @@ mod tests {
     fn converge(dev: &mut DeviceInfo, want: &NetMap) {
         let req = plan(want, dev, PlanOptions::default());
         apply(dev, &req);
+    }
+
+    #[test]
+    fn a_rotated_peer_key_is_removed_before_the_new_key_takes_its_addresses() {
+        let mut dev = DeviceInfo::default();
+        converge(&mut dev, &netmap(vec![entry(1, &["198.18.1.1:51820"])]));
+        let mut rotated = entry(1, &["198.18.1.1:51820"]);
+        rotated.public_key = WgPublicKey([77; 32]);
+        let req = plan(&netmap(vec![rotated]), &dev, PlanOptions::default());
+        assert_eq!(req.peers.len(), 2);
+        // A device removing the old peer after adding the new one would drop the moved
+        // allowed IPs (the peer then gets no traffic until something re-adds them).
+        assert!(req.peers[0].remove && req.peers[0].public_key == Key([1; 32]));
+        assert!(!req.peers[1].remove && req.peers[1].public_key == Key([77; 32]));
+        assert_eq!(req.peers[1].allowed_ips.len(), 2);
     }
 
     #[test]

@@ -13,7 +13,7 @@ use super::AppState;
 use crate::audit::{AuditEntry, ChainHead};
 use crate::error::{ApiError, ErrorBody};
 use crate::policy::validate_tag;
-use crate::store::{EnrollmentKeyInfo, NewEnrollmentKey, NodePatch, NodeRecord};
+use crate::store::{EnrollmentKeyInfo, NewEnrollmentKey, NodePatch, NodeRecord, NodeSeen};
 
 fn validate_tags(tags: &[String]) -> Result<(), ApiError> {
     if tags.len() > 32 {
@@ -161,20 +161,39 @@ pub(super) async fn list_nodes(
     Ok(Json(state.store.nodes().await?))
 }
 
-/// One node.
+/// A node with what it last reported about itself.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct NodeDetail {
+    #[serde(flatten)]
+    pub node: NodeRecord,
+    /// Last contact and last status report; `null` if the node never called in after
+    /// registering.
+    pub seen: Option<NodeSeen>,
+    /// Seconds since the node was last heard from (staleness), if ever.
+    pub last_seen_secs_ago: Option<u64>,
+}
+
+/// One node, with its last status report and staleness.
 #[utoipa::path(get, path = "/api/v1/nodes/{id}", tag = "nodes",
     security(("admin_token" = [])),
     params(("id" = u64, Path, description = "Node id")),
     responses(
-        (status = 200, body = NodeRecord),
+        (status = 200, body = NodeDetail),
         (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
     ))]
 pub(super) async fn node(
     State(state): State<AppState>,
     _auth: AdminAuth,
     ApiPath(id): ApiPath<u64>,
-) -> Result<Json<NodeRecord>, ApiError> {
-    Ok(Json(state.store.node(NodeId(id)).await?))
+) -> Result<Json<NodeDetail>, ApiError> {
+    let node = state.store.node(NodeId(id)).await?;
+    let seen = state.store.node_seen(node.id).await?;
+    let now = state.clock.now();
+    Ok(Json(NodeDetail {
+        last_seen_secs_ago: seen.as_ref().map(|s| now.saturating_sub(s.last_seen)),
+        node,
+        seen,
+    }))
 }
 
 /// Distinguishes an absent field (`None`) from an explicit `null` (`Some(None)`).

@@ -154,3 +154,21 @@ impl FromRequestParts<AppState> for NodeCredential {
         Ok(NodeCredential { id: node.id })
     }
 }
+
+/// The source address of the TCP connection, when the server was started with connect info
+/// (`serve` is; `oneshot` tests insert `ConnectInfo` themselves). Behind a reverse proxy this is
+/// the proxy, not the node.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct SeenFrom(pub(super) Option<std::net::IpAddr>);
+
+impl<S: Send + Sync> FromRequestParts<S> for SeenFrom {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        let addr = parts
+            .extensions
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map(|c| c.0.ip().to_canonical());
+        Ok(SeenFrom(addr))
+    }
+}

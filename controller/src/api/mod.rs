@@ -5,8 +5,10 @@
 mod admin;
 mod extract;
 mod node;
+mod stream;
 mod system;
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use axum::extract::{DefaultBodyLimit, Request, State};
@@ -15,13 +17,13 @@ use axum::response::Response;
 use axum::{Extension, Router};
 use ed25519_dalek::SigningKey;
 use skymesh_proto::ControllerPublicKey;
-use tokio::sync::Mutex;
+use tokio::sync::{watch, Mutex};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-pub use admin::{CreateEnrollmentKey, CreatedEnrollmentKey, PatchNode};
+pub use admin::{CreateEnrollmentKey, CreatedEnrollmentKey, NodeDetail, PatchNode};
 
 use crate::error::ApiError;
 use crate::metrics::Metrics;
@@ -40,9 +42,18 @@ pub struct AppState {
     pub max_body_bytes: usize,
     pub metrics: Arc<Metrics>,
     pub clock: Clock,
-    /// The last topology snapshot, reused while the serial is unchanged.
-    topology: Arc<Mutex<Option<Arc<Topology>>>>,
+    /// The last [`TOPOLOGY_HISTORY`] topology snapshots, newest last: the newest is reused
+    /// while the serial is unchanged; older ones let a stream resume with a delta.
+    topology: Arc<Mutex<VecDeque<Arc<Topology>>>>,
+    /// The newest serial known to have been committed; streams wait on it.
+    changes: watch::Sender<u64>,
+    /// Set once on shutdown: streams end so graceful shutdown does not wait on them forever.
+    closing: watch::Sender<bool>,
 }
+
+/// How many topology snapshots are kept for delta resumption. A client further behind gets a
+/// full netmap, which is always correct, just larger.
+pub const TOPOLOGY_HISTORY: usize = 64;
 
 impl AppState {
     pub fn new(
@@ -61,22 +72,64 @@ impl AppState {
             max_body_bytes,
             metrics: Arc::new(Metrics::default()),
             clock,
-            topology: Arc::new(Mutex::new(None)),
+            topology: Arc::new(Mutex::new(VecDeque::with_capacity(TOPOLOGY_HISTORY))),
+            changes: watch::Sender::new(0),
+            closing: watch::Sender::new(false),
         }
     }
 
-    pub fn controller_public_key(&self) -> ControllerPublicKey {
-        ControllerPublicKey(self.signing_key.verifying_key())
+    /// Ends every open netmap stream (agents reconnect to the next controller instance).
+    pub fn close_streams(&self) {
+        self.closing.send_replace(true);
     }
 
-    /// The current topology, from cache if the serial has not moved.
-    pub async fn topology(&self) -> Result<Arc<Topology>, ApiError> {
+    pub(crate) fn closing(&self) -> watch::Receiver<bool> {
+        self.closing.subscribe()
+    }
+
+    /// Tells every open stream that the serial may have moved. Called after every mutating
+    /// request (a middleware) and by the expiry sweeper; cheap when nothing changed.
+    pub async fn publish(&self) -> Result<u64, ApiError> {
         let serial = self.store.serial().await?;
+        self.changes.send_if_modified(|held| {
+            let newer = serial > *held;
+            if newer {
+                *held = serial;
+            }
+            newer
+        });
+        Ok(serial)
+    }
+
+    /// Subscribes to serial changes (see [`AppState::publish`]).
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// The snapshot at exactly `serial`, if still held in memory.
+    pub async fn topology_at(&self, serial: u64) -> Option<Arc<Topology>> {
+        let cache = self.topology.lock().await;
+        cache.iter().rev().find(|t| t.serial == serial).cloned()
+    }
+
+    /// A snapshot at `serial` or newer: from memory if the newest one is recent enough,
+    /// else loaded (once, under the lock, however many streams ask at the same time).
+    pub async fn topology_at_least(&self, serial: u64) -> Result<Arc<Topology>, ApiError> {
         let mut cache = self.topology.lock().await;
-        if let Some(t) = cache.as_ref().filter(|t| t.serial == serial) {
+        if let Some(t) = cache.back().filter(|t| t.serial >= serial) {
             return Ok(Arc::clone(t));
         }
+        self.load_topology(&mut cache).await
+    }
+
+    async fn load_topology(
+        &self,
+        cache: &mut VecDeque<Arc<Topology>>,
+    ) -> Result<Arc<Topology>, ApiError> {
         let (serial, nodes) = self.store.topology_snapshot().await?;
+        if let Some(t) = cache.back().filter(|t| t.serial == serial) {
+            return Ok(Arc::clone(t));
+        }
         self.metrics
             .topology_loads
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -89,8 +142,28 @@ impl AppState {
             policy: self.policy.clone(),
             nodes,
         });
-        *cache = Some(Arc::clone(&t));
+        // Serials only grow; a stale read (older than the newest held) is served, not cached.
+        if cache.back().is_none_or(|b| b.serial < serial) {
+            if cache.len() == TOPOLOGY_HISTORY {
+                cache.pop_front();
+            }
+            cache.push_back(Arc::clone(&t));
+        }
         Ok(t)
+    }
+
+    pub fn controller_public_key(&self) -> ControllerPublicKey {
+        ControllerPublicKey(self.signing_key.verifying_key())
+    }
+
+    /// The current topology, from cache if the serial has not moved.
+    pub async fn topology(&self) -> Result<Arc<Topology>, ApiError> {
+        let serial = self.store.serial().await?;
+        let mut cache = self.topology.lock().await;
+        if let Some(t) = cache.back().filter(|t| t.serial == serial) {
+            return Ok(Arc::clone(t));
+        }
+        self.load_topology(&mut cache).await
     }
 }
 
@@ -147,6 +220,10 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(admin::revoke_enrollment_key))
         .routes(routes!(node::register))
         .routes(routes!(node::netmap))
+        .routes(routes!(stream::netmap_stream))
+        .routes(routes!(node::report_endpoints))
+        .routes(routes!(node::report_status))
+        .routes(routes!(node::rotate_key))
         .routes(routes!(admin::list_nodes))
         .routes(routes!(admin::node, admin::patch_node, admin::delete_node))
         .routes(routes!(admin::revoke_node))
@@ -160,8 +237,19 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 }
 
 async fn count_responses(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let mutating = !matches!(
+        *req.method(),
+        axum::http::Method::GET | axum::http::Method::HEAD | axum::http::Method::OPTIONS
+    );
     let resp = next.run(req).await;
     state.metrics.record_status(resp.status().as_u16());
+    // Every change commits before its response is built, so publishing here cannot miss one;
+    // refused requests wrote nothing.
+    if mutating && resp.status().is_success() {
+        if let Err(e) = state.publish().await {
+            tracing::warn!(error = %e.message, "publishing a topology change failed");
+        }
+    }
     resp
 }
 

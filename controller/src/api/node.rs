@@ -6,15 +6,19 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use ipnet::IpNet;
-use skymesh_proto::{sign_netmap, RegisterRequest, RegisterResponse, SignedNetMap};
+use skymesh_proto::{
+    sign_netmap, Endpoint, EndpointsReport, RegisterRequest, RegisterResponse, RotateKeyRequest,
+    SignedNetMap, StatusReport,
+};
 
-use super::extract::{ApiJson, NodeCredential};
+use super::extract::{ApiJson, NodeCredential, SeenFrom};
 use super::AppState;
 use crate::error::{ApiError, ErrorBody};
 use crate::netmap;
 
 pub(super) const MAX_ENDPOINTS: usize = 16;
 pub(super) const MAX_ROUTES: usize = 64;
+const MAX_STATUS_PEERS: usize = 4096;
 
 /// Checks a node name: 1–63 characters, no control characters.
 pub(super) fn validate_name(name: &str) -> Result<(), ApiError> {
@@ -33,12 +37,17 @@ fn validate_register(state: &AppState, req: &RegisterRequest) -> Result<(), ApiE
             "`enrollment_key` must be 1-256 characters",
         ));
     }
-    if req.endpoints.len() > MAX_ENDPOINTS {
+    validate_endpoints(&req.endpoints)?;
+    validate_routes(state, &req.routes)
+}
+
+fn validate_endpoints(endpoints: &[Endpoint]) -> Result<(), ApiError> {
+    if endpoints.len() > MAX_ENDPOINTS {
         return Err(ApiError::unprocessable(format!(
             "at most {MAX_ENDPOINTS} `endpoints`"
         )));
     }
-    for e in &req.endpoints {
+    for e in endpoints {
         if e.uplink.is_empty() || e.uplink.len() > 32 || e.uplink.chars().any(char::is_control) {
             return Err(ApiError::unprocessable(
                 "`endpoints[].uplink` must be 1-32 characters",
@@ -51,13 +60,17 @@ fn validate_register(state: &AppState, req: &RegisterRequest) -> Result<(), ApiE
             )));
         }
     }
-    if req.routes.len() > MAX_ROUTES {
+    Ok(())
+}
+
+fn validate_routes(state: &AppState, routes: &[IpNet]) -> Result<(), ApiError> {
+    if routes.len() > MAX_ROUTES {
         return Err(ApiError::unprocessable(format!(
             "at most {MAX_ROUTES} `routes`"
         )));
     }
     let pools = state.store.pools();
-    for r in &req.routes {
+    for r in routes {
         if *r != r.trunc() {
             return Err(ApiError::unprocessable(format!(
                 "route {r} has host bits set; did you mean {}?",
@@ -93,11 +106,18 @@ fn validate_register(state: &AppState, req: &RegisterRequest) -> Result<(), ApiE
     ))]
 pub(super) async fn register(
     State(state): State<AppState>,
-    ApiJson(req): ApiJson<RegisterRequest>,
+    SeenFrom(seen_from): SeenFrom,
+    ApiJson(mut req): ApiJson<RegisterRequest>,
 ) -> Result<(StatusCode, Json<RegisterResponse>), ApiError> {
     let result = async {
         validate_register(&state, &req)?;
-        let (node, credential) = state.store.register(&req, state.clock.now()).await?;
+        req.endpoints = crate::store::merge_endpoints(&req.endpoints, seen_from);
+        let now = state.clock.now();
+        let (node, credential) = state.store.register(&req, now).await?;
+        state
+            .store
+            .report_endpoints(node.id, None, None, seen_from, now)
+            .await?;
         let pools = state.store.pools();
         let addresses = vec![
             IpNet::new(node.ipv4.into(), pools.v4.prefix_len())
@@ -152,4 +172,112 @@ pub(super) async fn netmap(
     let signed = sign_netmap(&map, &state.signing_key).map_err(|e| ApiError::internal(&e))?;
     state.metrics.netmaps_served.fetch_add(1, Ordering::Relaxed);
     Ok(Json(signed))
+}
+
+/// Report this node's uplinks (local addresses) and, optionally, the subnets it offers to route.
+///
+/// The controller adds a `reflexive` endpoint: the source IP it sees with the port of the first
+/// reported endpoint (the node's public address behind NAT). Behind a reverse proxy that source
+/// is the proxy. Peers' netmaps change (serial bump, pushed on the stream) only if something
+/// changed; newly advertised routes need an admin's approval (`PATCH /api/v1/nodes/{id}`).
+#[utoipa::path(post, path = "/api/v1/node/endpoints", tag = "node",
+    security(("node_credential" = [])),
+    request_body = EndpointsReport,
+    responses(
+        (status = 204, description = "recorded"),
+        (status = 401, body = ErrorBody),
+        (status = 403, description = "node revoked or expired", body = ErrorBody),
+        (status = 422, body = ErrorBody),
+    ))]
+pub(super) async fn report_endpoints(
+    State(state): State<AppState>,
+    node: NodeCredential,
+    SeenFrom(seen_from): SeenFrom,
+    ApiJson(report): ApiJson<EndpointsReport>,
+) -> Result<StatusCode, ApiError> {
+    validate_endpoints(&report.endpoints)?;
+    if let Some(routes) = &report.routes {
+        validate_routes(&state, routes)?;
+    }
+    let changed = state
+        .store
+        .report_endpoints(
+            node.id,
+            Some(&report.endpoints),
+            report.routes.as_deref(),
+            seen_from,
+            state.clock.now(),
+        )
+        .await?;
+    if changed {
+        tracing::info!(node = %node.id, "node endpoints or routes changed");
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Report this node's view of its peers (last handshake, bytes, uplink in use).
+///
+/// Replaces the previous report; `GET /api/v1/nodes/{id}` shows it with `last_seen`.
+#[utoipa::path(post, path = "/api/v1/node/status", tag = "node",
+    security(("node_credential" = [])),
+    request_body = StatusReport,
+    responses(
+        (status = 204, description = "recorded"),
+        (status = 401, body = ErrorBody),
+        (status = 403, description = "node revoked or expired", body = ErrorBody),
+        (status = 422, body = ErrorBody),
+    ))]
+pub(super) async fn report_status(
+    State(state): State<AppState>,
+    node: NodeCredential,
+    SeenFrom(seen_from): SeenFrom,
+    ApiJson(report): ApiJson<StatusReport>,
+) -> Result<StatusCode, ApiError> {
+    if report.peers.len() > MAX_STATUS_PEERS {
+        return Err(ApiError::unprocessable(format!(
+            "at most {MAX_STATUS_PEERS} `peers`"
+        )));
+    }
+    if let Some(p) = report
+        .peers
+        .iter()
+        .find(|p| p.uplink.as_ref().is_some_and(|u| u.len() > 32))
+    {
+        return Err(ApiError::unprocessable(format!(
+            "`peers[].uplink` of node {} must be at most 32 characters",
+            p.node_id
+        )));
+    }
+    state
+        .store
+        .report_status(node.id, &report, seen_from, state.clock.now())
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Replace this node's WireGuard public key (key rotation).
+///
+/// The node generated the new key pair itself; peers get the new key with the next netmap
+/// (pushed on the stream). Audited as `node.rotate_key`.
+#[utoipa::path(post, path = "/api/v1/node/rotate-key", tag = "node",
+    security(("node_credential" = [])),
+    request_body = RotateKeyRequest,
+    responses(
+        (status = 204, description = "rotated (or already this key)"),
+        (status = 401, body = ErrorBody),
+        (status = 403, description = "node revoked or expired", body = ErrorBody),
+        (status = 409, description = "key belongs to another node", body = ErrorBody),
+        (status = 422, body = ErrorBody),
+    ))]
+pub(super) async fn rotate_key(
+    State(state): State<AppState>,
+    node: NodeCredential,
+    ApiJson(req): ApiJson<RotateKeyRequest>,
+) -> Result<StatusCode, ApiError> {
+    state
+        .store
+        .rotate_key(node.id, &req.public_key, state.clock.now())
+        .await?;
+    tracing::info!(node = %node.id, public_key = %req.public_key, "node rotated its key");
+    Ok(StatusCode::NO_CONTENT)
 }

@@ -13,8 +13,9 @@ use std::path::Path;
 
 use ipnet::IpNet;
 use serde::Serialize;
-use skymesh_proto::{Endpoint, NodeId, NodeState, RegisterRequest, WgPublicKey};
+use skymesh_proto::{Endpoint, NodeId, NodeState, RegisterRequest, StatusReport, WgPublicKey};
 
+pub(crate) use sqlite::merge_endpoints;
 pub use sqlite::{SqliteStore, DB_FILE};
 
 use crate::audit::{AuditEntry, ChainHead};
@@ -133,6 +134,20 @@ impl NodeRecord {
             expires_at: self.expires_at,
         }
     }
+}
+
+/// When a node was last heard from, and what it last reported.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct NodeSeen {
+    /// Unix seconds of the last authenticated request (register, stream, report).
+    pub last_seen: u64,
+    /// The source address of that request as the controller saw it (behind a reverse proxy:
+    /// the proxy's address).
+    #[schema(value_type = Option<String>)]
+    pub seen_from: Option<std::net::IpAddr>,
+    /// Unix seconds of the last status report.
+    pub reported_at: Option<u64>,
+    pub status: Option<StatusReport>,
 }
 
 /// What an authenticated node credential maps to.
@@ -282,6 +297,42 @@ impl Store {
     /// Folds node expiries that happened by `now` into the serial; returns the expired nodes.
     pub async fn sweep_expired(&self, now: u64) -> Result<Vec<NodeId>, StoreError> {
         delegate!(self, s => s.sweep_expired(now).await)
+    }
+
+    /// Records contact from `seen_from`; replaces local endpoints and/or advertised routes when
+    /// given. Returns whether netmaps changed (serial bumped).
+    pub async fn report_endpoints(
+        &self,
+        id: NodeId,
+        local: Option<&[Endpoint]>,
+        routes: Option<&[IpNet]>,
+        seen_from: Option<std::net::IpAddr>,
+        now: u64,
+    ) -> Result<bool, StoreError> {
+        delegate!(self, s => s.report_endpoints(id, local, routes, seen_from, now).await)
+    }
+
+    pub async fn report_status(
+        &self,
+        id: NodeId,
+        report: &StatusReport,
+        seen_from: Option<std::net::IpAddr>,
+        now: u64,
+    ) -> Result<(), StoreError> {
+        delegate!(self, s => s.report_status(id, report, seen_from, now).await)
+    }
+
+    pub async fn node_seen(&self, id: NodeId) -> Result<Option<NodeSeen>, StoreError> {
+        delegate!(self, s => s.node_seen(id).await)
+    }
+
+    pub async fn rotate_key(
+        &self,
+        id: NodeId,
+        key: &WgPublicKey,
+        now: u64,
+    ) -> Result<NodeRecord, StoreError> {
+        delegate!(self, s => s.rotate_key(id, key, now).await)
     }
 
     pub async fn serial(&self) -> Result<u64, StoreError> {

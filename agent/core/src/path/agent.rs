@@ -172,12 +172,38 @@ impl PathAgent {
     /// addition a [`Role::Follower`] moves its own traffic to that path at once, so traffic
     /// returns over the path the chooser picked. A path this end has declared failed is not
     /// followed (a one-way failure: the chooser will notice our silence and move).
+    ///
+    /// A [`Role::Chooser`] moves to the path the follower's data arrives on only when the
+    /// follower has clearly left a failing path: that path is proven, our own active path has
+    /// heard nothing authenticated for a fast interval, and our last switch is older than the
+    /// distress timeout (so data still in flight after our own switch, e.g. at fail-back,
+    /// does not pull us back). A follower leaves the chooser's path only on its own link-down
+    /// or distress, so this saves the chooser its own detection time in a blackhole that
+    /// silences only the follower's inbound direction.
     pub fn handle_peer_data(&mut self, path: PathId, now: Instant) {
+        let before = self.active.map(|a| self.paths[a].last_rx);
         self.handle_authenticated_rx(path, now);
-        if self.role != Role::Follower {
+        let Some(i) = self.index(path) else { return };
+        if self.role == Role::Chooser {
+            let Some(a) = self.active else { return };
+            let fast = self.uplink_of(a).probe.fast_interval;
+            let active_silent = before
+                .flatten()
+                .is_none_or(|t| now.saturating_duration_since(t) >= fast);
+            let settled = self.last_switch.is_none_or(|s| {
+                now.saturating_duration_since(s.at) >= self.failover.distress_timeout
+            });
+            if a != i
+                && active_silent
+                && settled
+                && self.uplink_of(i).up
+                && self.paths[i].is_healthy()
+            {
+                self.switch(Some(i), SwitchReason::PeerChoice, now);
+                self.evaluate(now);
+            }
             return;
         }
-        let Some(i) = self.index(path) else { return };
         if self.active == Some(i)
             || !self.uplink_of(i).up
             || matches!(self.paths[i].health, Health::Failed { .. })
@@ -789,6 +815,36 @@ mod tests {
         let s = agent.path_stats().next().expect("one path");
         assert_eq!(s.health, PathHealth::Healthy);
         assert_eq!(s.smoothed_rtt, Some(ms(30)));
+    }
+
+    #[test]
+    fn chooser_follows_the_follower_off_a_silent_path_but_not_right_after_its_own_switch() {
+        let t0 = Instant::now();
+        let mut agent = PathAgent::new(&config(&[0, 1]), &[remote(1, 0)], 7, t0);
+        agent.handle_timeout(t0);
+        answer_all(&mut agent, t0, ms(1));
+        assert_eq!(agent.active_path(), Some(path(0, 1)));
+        while agent.poll_event().is_some() {}
+        // Right after the initial choice: data on the backup does not move the chooser.
+        agent.handle_peer_data(path(1, 1), t0 + ms(300));
+        assert_eq!(agent.active_path(), Some(path(0, 1)));
+        // The active path keeps hearing from the peer: data on the backup does not move it.
+        let t1 = t0 + ms(2_000);
+        agent.handle_authenticated_rx(path(0, 1), t1);
+        agent.handle_peer_data(path(1, 1), t1 + ms(50));
+        assert_eq!(agent.active_path(), Some(path(0, 1)));
+        // The active path has been silent for a fast interval and the follower's data now
+        // arrives on the (proven) backup: the follower left a failing path; follow it.
+        agent.handle_peer_data(path(1, 1), t1 + ms(400));
+        assert_eq!(agent.active_path(), Some(path(1, 1)));
+        assert_eq!(
+            agent.poll_event(),
+            Some(PathEvent::PathChanged {
+                from: Some(path(0, 1)),
+                to: Some(path(1, 1)),
+                reason: SwitchReason::PeerChoice
+            })
+        );
     }
 
     #[test]

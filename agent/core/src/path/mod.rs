@@ -72,11 +72,14 @@
 //!
 //! Probes must never let an attacker move traffic. The driver therefore:
 //!
-//! 1. Sends each [`ProbeTransmit`] *inside the WireGuard session* of the peer: a UDP datagram
-//!    from the local overlay address to the peer's overlay address, port [`PROBE_UDP_PORT`],
-//!    payload [`ProbeMessage::Request`] with the transmit's nonce, encrypted with the peer's
-//!    current session and written to the uplink socket of `path.uplink`, addressed to
-//!    `path.remote`.
+//! 1. Sends each [`ProbeTransmit`] *inside the WireGuard session* of the peer: an inner
+//!    IPv4/UDP datagram to port [`PROBE_UDP_PORT`], payload [`ProbeMessage::Request`] with the
+//!    transmit's nonce, encrypted with the peer's current session and written to the uplink
+//!    socket of `path.uplink`, addressed to `path.remote`. (The skymesh agent leaves the inner
+//!    addresses at `0.0.0.0`: the receiver recognises probes by protocol, port and payload
+//!    once WireGuard has authenticated the sender, so the addresses carry no meaning.) Without
+//!    a session it starts a handshake on that path instead of queueing the probe: a probe
+//!    flushed seconds later would yield a bogus RTT sample.
 //! 2. On receipt of a decrypted probe request (before the TUN device), answers with
 //!    [`ProbeMessage::Reply`] inside the same session, from the socket it arrived on, to the
 //!    source address it came from. Probe packets must not update the peer's WireGuard endpoint
@@ -92,7 +95,10 @@
 //! 5. Seeds the agent's nonce source from the OS CSPRNG.
 //!
 //! Both ends agree on the path: one end of each pair is the [`Role::Chooser`], the other a
-//! [`Role::Follower`] that sends over the path the chooser's data arrives on. Probes and
+//! [`Role::Follower`] that sends over the path the chooser's data arrives on. The chooser in
+//! turn follows a follower that left a path the chooser has not heard from for a fast
+//! interval (see [`PathAgent::handle_peer_data`]), so a failure that only the follower can
+//! see costs one detection, not two. Probes and
 //! probe replies never go through [`PathAgent::handle_peer_data`], so a probe on a backup
 //! path cannot drag the data path there.
 //!

@@ -30,7 +30,10 @@ use crate::ipam::{Allocator, Pools};
 use crate::netmap::TopoNode;
 use crate::secrets;
 
+mod live;
 mod rows;
+
+pub(crate) use live::merge_endpoints;
 
 use rows::{corrupt, key_from_row, node_from_row, state_str, to_i64, to_json, to_u64};
 
@@ -373,10 +376,13 @@ impl SqliteStore {
             NodeState::Pending
         };
         let expires_at = key.node_ttl_secs.map(|ttl| now.saturating_add(ttl));
+        let mut routes = req.routes.clone();
+        routes.sort();
+        routes.dedup();
         let row = sqlx::query(&format!(
             "INSERT INTO nodes (name, public_key, ipv4, ipv6, state, tags, endpoints, \
              advertised_routes, approved_routes, credential_hash, enrollment_key_id, created_at, \
-             expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, '[]', ?, ?, ?, ?) RETURNING {NODE_COLUMNS}"
+             expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING {NODE_COLUMNS}"
         ))
         .bind(&req.name)
         .bind(&public_key)
@@ -385,7 +391,13 @@ impl SqliteStore {
         .bind(state_str(state)?)
         .bind(to_json(&tags)?)
         .bind(to_json(&req.endpoints)?)
-        .bind(to_json(&req.routes)?)
+        .bind(to_json(&routes)?)
+        // An auto-approving enrollment key approves the node's advertised routes too.
+        .bind(to_json(&if key.auto_approve {
+            routes.clone()
+        } else {
+            Vec::new()
+        })?)
         .bind(&credential_hash[..])
         .bind(to_i64(key.id))
         .bind(to_i64(now))
@@ -585,6 +597,10 @@ impl SqliteStore {
         let mut tx = self.write.begin_with("BEGIN IMMEDIATE").await?;
         let node = Self::node_in(&mut tx, id).await?;
         sqlx::query("DELETE FROM nodes WHERE id = ?")
+            .bind(to_i64(id.0))
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM node_status WHERE node_id = ?")
             .bind(to_i64(id.0))
             .execute(&mut *tx)
             .await?;

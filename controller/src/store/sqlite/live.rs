@@ -1,0 +1,230 @@
+//! What nodes tell the controller after joining: endpoints (with the reflexive address the
+//! controller sees), advertised routes, status reports, key rotation.
+//!
+//! Endpoint and route changes alter netmaps, so they bump the serial (only when something really
+//! changed: an agent re-reporting the same uplinks every minute must not wake every stream).
+//! Status reports and `last_seen` live in `node_status` and never bump it.
+
+use std::net::{IpAddr, SocketAddr};
+
+use ipnet::IpNet;
+use skymesh_proto::{Endpoint, NodeId, NodeState, StatusReport, WgPublicKey, REFLEXIVE_UPLINK};
+use sqlx::Row as _;
+
+use super::rows::{corrupt, opt_u64, to_i64, to_json, to_u64};
+use super::{append_audit, bump_serial, SqliteStore};
+use crate::store::{Actor, NodeRecord, NodeSeen, StoreError};
+
+/// The endpoints to store: the node's local ones, plus a reflexive one (source IP as seen by
+/// the controller, port of the first local endpoint) when that IP is not already among them.
+pub(crate) fn merge_endpoints(local: &[Endpoint], seen_from: Option<IpAddr>) -> Vec<Endpoint> {
+    let mut out: Vec<Endpoint> = local
+        .iter()
+        .filter(|e| e.uplink != REFLEXIVE_UPLINK)
+        .cloned()
+        .collect();
+    if let (Some(ip), Some(first)) = (seen_from, out.first()) {
+        if !out.iter().any(|e| e.addr.ip() == ip) {
+            let reflexive = Endpoint {
+                addr: SocketAddr::new(ip, first.addr.port()),
+                uplink: REFLEXIVE_UPLINK.to_string(),
+                kind: first.kind,
+            };
+            out.push(reflexive);
+        }
+    }
+    out
+}
+
+impl SqliteStore {
+    async fn touch_in(
+        tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+        id: NodeId,
+        seen_from: Option<IpAddr>,
+        now: u64,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO node_status (node_id, last_seen, seen_from) VALUES (?, ?, ?) \
+             ON CONFLICT (node_id) DO UPDATE SET last_seen = excluded.last_seen, \
+             seen_from = COALESCE(excluded.seen_from, node_status.seen_from)",
+        )
+        .bind(to_i64(id.0))
+        .bind(to_i64(now))
+        .bind(seen_from.map(|ip| ip.to_string()))
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+
+    /// Records that the node was heard from `seen_from`; replaces its local endpoints and/or
+    /// advertised routes when given. Returns whether the netmap-visible state changed (and so
+    /// the serial was bumped).
+    pub async fn report_endpoints(
+        &self,
+        id: NodeId,
+        local: Option<&[Endpoint]>,
+        routes: Option<&[IpNet]>,
+        seen_from: Option<IpAddr>,
+        now: u64,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.write.begin_with("BEGIN IMMEDIATE").await?;
+        let mut node = Self::node_in(&mut tx, id).await?;
+        Self::touch_in(&mut tx, id, seen_from, now).await?;
+        let local = local.map_or_else(|| node.endpoints.clone(), <[Endpoint]>::to_vec);
+        let seen = seen_from.or_else(|| {
+            node.endpoints
+                .iter()
+                .find(|e| e.uplink == REFLEXIVE_UPLINK)
+                .map(|e| e.addr.ip())
+        });
+        let endpoints = merge_endpoints(&local, seen);
+        let mut changed = endpoints != node.endpoints;
+        node.endpoints = endpoints;
+        if let Some(routes) = routes {
+            let mut routes = routes.to_vec();
+            routes.sort();
+            routes.dedup();
+            if routes != node.advertised_routes {
+                // Approval covers a prefix only while it is still advertised.
+                node.approved_routes.retain(|r| routes.contains(r));
+                node.advertised_routes = routes;
+                changed = true;
+            }
+        }
+        if changed {
+            sqlx::query(
+                "UPDATE nodes SET endpoints = ?, advertised_routes = ?, approved_routes = ? \
+                 WHERE id = ?",
+            )
+            .bind(to_json(&node.endpoints)?)
+            .bind(to_json(&node.advertised_routes)?)
+            .bind(to_json(&node.approved_routes)?)
+            .bind(to_i64(id.0))
+            .execute(&mut *tx)
+            .await?;
+            bump_serial(&mut tx).await?;
+        }
+        tx.commit().await?;
+        Ok(changed)
+    }
+
+    /// Stores the node's latest status report (replacing the previous one).
+    pub async fn report_status(
+        &self,
+        id: NodeId,
+        report: &StatusReport,
+        seen_from: Option<IpAddr>,
+        now: u64,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.write.begin_with("BEGIN IMMEDIATE").await?;
+        Self::node_in(&mut tx, id).await?;
+        Self::touch_in(&mut tx, id, seen_from, now).await?;
+        sqlx::query("UPDATE node_status SET reported_at = ?, report = ? WHERE node_id = ?")
+            .bind(to_i64(now))
+            .bind(to_json(report)?)
+            .bind(to_i64(id.0))
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn node_seen(&self, id: NodeId) -> Result<Option<NodeSeen>, StoreError> {
+        let row = sqlx::query(
+            "SELECT last_seen, seen_from, reported_at, report FROM node_status WHERE node_id = ?",
+        )
+        .bind(to_i64(id.0))
+        .fetch_optional(&self.read)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let seen_from: Option<String> = row.try_get("seen_from")?;
+        let report: Option<String> = row.try_get("report")?;
+        Ok(Some(NodeSeen {
+            last_seen: to_u64(row.try_get("last_seen")?)?,
+            seen_from: seen_from
+                .map(|s| {
+                    s.parse()
+                        .map_err(|e| corrupt(format!("seen_from {s:?}: {e}")))
+                })
+                .transpose()?,
+            reported_at: opt_u64(row.try_get("reported_at")?)?,
+            status: report
+                .map(|s| serde_json::from_str(&s).map_err(|e| corrupt(format!("report: {e}"))))
+                .transpose()?,
+        }))
+    }
+
+    /// Replaces the node's WireGuard public key (the node rotated it), bumping the serial.
+    pub async fn rotate_key(
+        &self,
+        id: NodeId,
+        key: &WgPublicKey,
+        now: u64,
+    ) -> Result<NodeRecord, StoreError> {
+        let mut tx = self.write.begin_with("BEGIN IMMEDIATE").await?;
+        let mut node = Self::node_in(&mut tx, id).await?;
+        if node.state == NodeState::Revoked {
+            return Err(StoreError::NodeRevoked);
+        }
+        if node.public_key == *key {
+            return Ok(node);
+        }
+        let taken: Option<i64> = sqlx::query_scalar("SELECT id FROM nodes WHERE public_key = ?")
+            .bind(key.to_string())
+            .fetch_optional(&mut *tx)
+            .await?;
+        if taken.is_some() {
+            return Err(StoreError::DuplicatePublicKey);
+        }
+        let old = node.public_key;
+        sqlx::query("UPDATE nodes SET public_key = ? WHERE id = ?")
+            .bind(key.to_string())
+            .bind(to_i64(id.0))
+            .execute(&mut *tx)
+            .await?;
+        node.public_key = *key;
+        bump_serial(&mut tx).await?;
+        append_audit(
+            &mut tx,
+            now,
+            &Actor(format!("node:{id}")),
+            "node.rotate_key",
+            Some(&format!("node:{id}")),
+            serde_json::json!({ "old_public_key": old.to_string(), "public_key": key.to_string() }),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(node)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use skymesh_proto::UplinkKind;
+
+    fn ep(addr: &str, uplink: &str) -> Endpoint {
+        Endpoint {
+            addr: addr.parse().expect("addr"),
+            uplink: uplink.into(),
+            kind: UplinkKind::Satellite,
+        }
+    }
+
+    #[test]
+    fn reflexive_endpoint_is_added_with_the_first_local_port_unless_already_local() {
+        let local = vec![
+            ep("192.168.1.5:51820", "starlink"),
+            ep("198.18.0.2:51821", "fibre"),
+        ];
+        let seen: IpAddr = "198.19.7.7".parse().expect("ip");
+        let out = merge_endpoints(&local, Some(seen));
+        assert_eq!(out.len(), 3);
+        assert_eq!(out[2], ep("198.19.7.7:51820", REFLEXIVE_UPLINK));
+        let direct: IpAddr = "198.18.0.2".parse().expect("ip");
+        assert_eq!(merge_endpoints(&local, Some(direct)), local);
+        // Re-merging replaces rather than accumulates reflexive entries.
+        assert_eq!(merge_endpoints(&out, Some(seen)), out);
+        assert!(merge_endpoints(&[], Some(seen)).is_empty());
+    }
+}

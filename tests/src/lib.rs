@@ -1,0 +1,160 @@
+//! Helpers for skymesh end-to-end tests and measurements: locating the workspace binaries,
+//! starting a real controller on a temp data dir, and calling its API.
+//!
+//! The binaries are the ones `cargo build --workspace` produced (`target/debug` unless
+//! `SKYMESH_BIN_DIR` says otherwise); the tests refuse to run with a clear message otherwise.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+
+/// Directory holding `skymesh-controller` and `skymesh-agent`.
+pub fn bin_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("SKYMESH_BIN_DIR") {
+        return d.into();
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    target.join("debug")
+}
+
+/// The path of a workspace binary; an error naming the build command if it is missing.
+pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
+    let p = bin_dir().join(name);
+    if !p.exists() {
+        bail!(
+            "{} not found: run `cargo build -p skymesh-controller -p skymesh-agent` first \
+             (or set SKYMESH_BIN_DIR)",
+            p.display()
+        );
+    }
+    Ok(p)
+}
+
+/// A controller process on a temp data dir; killed on drop.
+pub struct Controller {
+    pub child: Child,
+    pub url: String,
+    pub admin_token: String,
+    pub data_dir: tempfile::TempDir,
+    /// The CA file to trust when serving HTTPS.
+    pub ca: Option<PathBuf>,
+}
+
+/// A TLS certificate and key for the controller, PEM files.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl Controller {
+    /// Starts `skymesh-controller serve` (optionally inside netns `ns`) listening on `listen`
+    /// and creates an admin token.
+    pub fn start(ns: Option<&str>, listen: &str) -> anyhow::Result<Self> {
+        Self::start_with(ns, listen, None)
+    }
+
+    /// Like [`Controller::start`], serving HTTPS when `tls` is given.
+    pub fn start_with(
+        ns: Option<&str>,
+        listen: &str,
+        tls: Option<&TlsFiles>,
+    ) -> anyhow::Result<Self> {
+        let data_dir = tempfile::tempdir()?;
+        let exe = binary("skymesh-controller")?;
+        let mut cmd = in_ns(ns, &exe);
+        cmd.args(["serve", "--listen", listen, "--data-dir"])
+            .arg(data_dir.path());
+        if let Some(t) = tls {
+            cmd.arg("--tls-cert")
+                .arg(&t.cert)
+                .arg("--tls-key")
+                .arg(&t.key);
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let child = cmd.spawn().context("starting the controller")?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let url = format!("{scheme}://{listen}");
+        let mut c = Controller {
+            child,
+            url,
+            admin_token: String::new(),
+            data_dir,
+            ca: tls.map(|t| t.cert.clone()),
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let ok = c
+                .curl(ns)
+                .args(["-sf", "-o", "/dev/null", &format!("{}/healthz", c.url)])
+                .status()
+                .is_ok_and(|s| s.success());
+            if ok {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("controller did not answer /healthz within 10 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let out = in_ns(ns, &exe)
+            .args(["admin-token", "create", "--data-dir"])
+            .arg(c.data_dir.path())
+            .output()
+            .context("creating an admin token")?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        c.admin_token = text
+            .split_whitespace()
+            .find(|w| w.starts_with("sma_"))
+            .context("admin-token create printed no token")?
+            .to_string();
+        Ok(c)
+    }
+
+    /// `curl` (in `ns`) trusting this controller's certificate.
+    pub fn curl(&self, ns: Option<&str>) -> Command {
+        let mut cmd = in_ns(ns, "curl");
+        if let Some(ca) = &self.ca {
+            cmd.arg("--cacert").arg(ca);
+        }
+        cmd
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// `cmd` run inside netns `ns` (or directly).
+pub fn in_ns(ns: Option<&str>, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    match ns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(program);
+            c
+        }
+        None => Command::new(program),
+    }
+}
+
+/// Percentile (0..=100) of a sorted slice.
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
