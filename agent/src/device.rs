@@ -24,14 +24,16 @@ use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 use skymesh_agent_core::allowed_ips::AllowedIps;
 use skymesh_agent_core::key::Key;
+use skymesh_agent_core::offload::{finish_checksum, Offload, VnetHdr, VNET_HDR_LEN};
 use skymesh_agent_core::path::{
     LinkState, PathAgent, PathEvent, PathId, ProbeMessage, RemoteEndpoint, Role, UplinkId,
 };
 use skymesh_agent_core::uapi::{errno, DeviceInfo, PeerChange, PeerInfo, SetRequest, Setting};
 
+use crate::fastpath::{FastStats, RxBatch, TxBufs, GSO_MAX_BYTES, GSO_MAX_SEGS, MAX_SEGS};
 use crate::netlink::{self, LinkChange, LinkMonitor};
 use crate::paths::{self, FailoverSetup, PeerPaths, StatusReport, PROBE_PACKET_LEN};
-use crate::sys::{self, Epoll, EventFd, SignalFd, Tun};
+use crate::sys::{self, Epoll, EventFd, SignalFd, Tun, TunOffload};
 use crate::uplink::Uplinks;
 
 /// Timer resolution for `Tunn::update_timers` (boringtun's own device uses 250 ms; WireGuard's
@@ -40,10 +42,16 @@ const TICK: Duration = Duration::from_millis(100);
 /// Handshake messages per second before cookies are demanded. The device checks MAC1 on
 /// initiations before the peer's `Tunn` checks again, so each initiation counts twice.
 const HANDSHAKE_RATE_LIMIT: u64 = 2 * 100;
-/// Largest datagram / IP packet handled (TUN MTU ≤ 65535).
+/// Largest datagram / IP packet handled (TUN MTU ≤ 65535), and the most a `UDP_GRO` receive
+/// returns.
 const BUF_LEN: usize = 65_536;
-/// Packets drained from one fd before going back to epoll, so one busy fd cannot starve others.
+/// Reads drained from one fd before going back to epoll, so one busy fd cannot starve others
+/// (each read may be a 64 KiB super-packet or a GRO batch of datagrams).
 const BATCH: usize = 64;
+/// WireGuard message type of transport data.
+const MSG_DATA: u8 = 4;
+/// Set to `1` to run without TUN offloads (for measurements and old kernels).
+const NO_OFFLOAD_ENV: &str = "SKYMESH_NO_OFFLOAD";
 
 const TOKEN_TUN: u64 = 0;
 const TOKEN_CTL: u64 = 1;
@@ -96,6 +104,8 @@ pub(crate) struct DropCounters {
     pub(crate) io_errors: u64,
     /// Authenticated probe replies that matched no outstanding probe on their path.
     pub(crate) probe_unmatched: u64,
+    /// TUN frames with a bad virtio-net header or that cannot be segmented.
+    pub(crate) bad_tun_frame: u64,
 }
 
 struct Peer {
@@ -140,8 +150,17 @@ pub(crate) struct Device {
     by_index: HashMap<u32, usize>,
     allowed: AllowedIps<u32>,
     drops: DropCounters,
+    /// UDP receive buffer (one datagram, or a GRO batch of them).
     rx_buf: Box<[u8]>,
+    /// Control-path messages (handshakes, probes, cookie replies, keepalives).
     tx_buf: Box<[u8]>,
+    offload: TunOffload,
+    txb: TxBufs,
+    rxb: RxBatch,
+    fast: FastStats,
+    /// Allocations this thread made while building status reports (excluded from the count
+    /// the report shows).
+    status_allocs: u64,
     failover: Option<Failover>,
 }
 
@@ -173,7 +192,15 @@ impl Device {
         setup: Option<FailoverSetup>,
     ) -> anyhow::Result<(Device, Control)> {
         use anyhow::Context as _;
-        let tun = Tun::create(iface).with_context(|| format!("creating TUN {iface}"))?;
+        let offload = std::env::var(NO_OFFLOAD_ENV).map_or(true, |v| v != "1");
+        let (tun, offload) =
+            Tun::create(iface, offload).with_context(|| format!("creating TUN {iface}"))?;
+        tracing::info!(
+            vnet_hdr = offload.vnet_hdr,
+            tso = offload.tso,
+            uso = offload.uso,
+            "TUN offloads"
+        );
         sys::set_mtu(iface, 1420).with_context(|| format!("setting MTU of {iface}"))?;
         let epoll = Epoll::new().context("epoll_create")?;
         let ctl = Arc::new(EventFd::new().context("eventfd")?);
@@ -227,6 +254,11 @@ impl Device {
             drops: DropCounters::default(),
             rx_buf: vec![0u8; BUF_LEN].into_boxed_slice(),
             tx_buf: vec![0u8; BUF_LEN + 64].into_boxed_slice(),
+            offload,
+            txb: TxBufs::new(),
+            rxb: RxBatch::new(offload.uso),
+            fast: FastStats::default(),
+            status_allocs: 0,
             failover,
         };
         dev.register_uplinks()?;
@@ -308,75 +340,187 @@ impl Device {
 
     // ---------------------------------------------------------------- packet path
 
-    /// Reads and encapsulates up to [`BATCH`] packets. Err only when the TUN is unusable
+    /// Reads and encapsulates up to [`BATCH`] TUN frames. Err only when the TUN is unusable
     /// (deleted from outside): then the device stops, as wireguard-go does.
     fn handle_tun(&mut self) -> io::Result<()> {
         let now = Instant::now();
         for _ in 0..BATCH {
-            let n = match self.tun.read(&mut self.rx_buf) {
+            let n = match self.tun.read(&mut self.txb.frame) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             };
-            let pkt = &self.rx_buf[..n];
-            let Some(dst) = Tunn::dst_address(pkt) else {
-                self.drops.no_route += 1;
-                continue;
-            };
-            let Some(slot) = self.allowed.lookup(dst) else {
-                self.drops.no_route += 1;
-                continue;
-            };
-            let Some(peer) = self.peers.get_mut(slot as usize).and_then(Option::as_mut) else {
-                self.drops.no_route += 1;
-                continue;
-            };
-            let Some(tunn) = peer.tunn.as_mut() else {
-                self.drops.no_endpoint += 1;
-                continue;
-            };
-            match tunn.encapsulate(pkt, &mut self.tx_buf) {
-                TunnResult::WriteToNetwork(out) => match peer.endpoint {
-                    Some(ep) => {
-                        match send_to(&self.uplinks, peer.via, ep, out) {
-                            Ok(sent) => peer.tx_bytes += sent as u64,
-                            Err(_) => self.drops.io_errors += 1,
-                        }
-                        if let (Some(pp), Some(f)) = (peer.paths.as_mut(), self.failover.as_mut()) {
-                            pp.agent.handle_data_sent(now);
-                            // The agent may now want a probe a fast interval from now.
-                            let soon = now + f.min_fast;
-                            f.deadline = Some(f.deadline.map_or(soon, |d| d.min(soon)));
-                        }
-                    }
-                    None => self.drops.no_endpoint += 1,
-                },
-                TunnResult::Err(_) => self.drops.rejected += 1,
-                _ => {}
-            }
+            self.fast.tun_reads += 1;
+            self.handle_tun_frame(n, now);
         }
         Ok(())
     }
 
+    /// One TUN frame: split a super-packet into segments (or finish a partial checksum), look
+    /// the peer up once, encrypt every segment into one buffer and send runs of equal-sized
+    /// datagrams with one GSO `sendmsg` each through the peer's current socket.
+    fn handle_tun_frame(&mut self, n: usize, now: Instant) {
+        // The packets to encrypt: `frame[start..n]` alone, or `segs` segments of the arena.
+        let (start, segs) = if self.offload.vnet_hdr {
+            let frame = &mut self.txb.frame[..n];
+            let job = VnetHdr::decode(frame).and_then(|h| h.classify(&frame[VNET_HDR_LEN..]));
+            match job {
+                Ok(Offload::None) => (VNET_HDR_LEN, 0),
+                Ok(Offload::Checksum { start, offset }) => {
+                    finish_checksum(&mut frame[VNET_HDR_LEN..], start, offset);
+                    (VNET_HDR_LEN, 0)
+                }
+                Ok(Offload::Segment(plan)) if plan.segments() <= MAX_SEGS => {
+                    match self.txb.split(n, &plan) {
+                        Ok(k) => {
+                            self.fast.tun_super += 1;
+                            (0, k)
+                        }
+                        Err(_) => {
+                            self.drops.bad_tun_frame += 1;
+                            return;
+                        }
+                    }
+                }
+                Ok(Offload::Segment(_)) | Err(_) => {
+                    self.drops.bad_tun_frame += 1;
+                    return;
+                }
+            }
+        } else {
+            (0, 0)
+        };
+        let txb = &mut self.txb;
+        let first = if segs == 0 {
+            &txb.frame[start..n]
+        } else {
+            txb.segment(0)
+        };
+        let Some(dst) = Tunn::dst_address(first) else {
+            self.drops.no_route += 1;
+            return;
+        };
+        let Some(slot) = self.allowed.lookup(dst) else {
+            self.drops.no_route += 1;
+            return;
+        };
+        let Some(peer) = self.peers.get_mut(slot as usize).and_then(Option::as_mut) else {
+            self.drops.no_route += 1;
+            return;
+        };
+        let Some(tunn) = peer.tunn.as_mut() else {
+            self.drops.no_endpoint += 1;
+            return;
+        };
+        let mut tx = TxRun {
+            uplinks: &self.uplinks,
+            via: peer.via,
+            ep: peer.endpoint,
+            drops: &mut self.drops,
+            fast: &mut self.fast,
+            sent: 0,
+            datagrams: 0,
+        };
+        // Pending run of equal-sized datagrams in `txb.out[run_start..off]`.
+        let (mut off, mut run_start, mut run, mut size, mut closed) = (0, 0, 0, 0, false);
+        for i in 0..segs.max(1) {
+            let pt = if segs == 0 {
+                &txb.frame[start..n]
+            } else {
+                let (o, l) = txb.segs[i];
+                &txb.arena[o as usize..(o + l) as usize]
+            };
+            let (kind, len) = match tunn.encapsulate(pt, &mut txb.out[off..]) {
+                TunnResult::WriteToNetwork(out) => (out[0], out.len()),
+                TunnResult::Err(_) => {
+                    tx.drops.rejected += 1;
+                    continue;
+                }
+                // Queued until the handshake completes.
+                _ => continue,
+            };
+            if kind != MSG_DATA {
+                // No session yet: a handshake initiation, sent on its own after the run.
+                tx.send(&txb.out[run_start..off], size, run);
+                run = 0;
+                tx.send(&txb.out[off..off + len], len, 1);
+                continue;
+            }
+            // A run ends at a shorter datagram, at the kernel's segment limits, or before a
+            // longer one.
+            if run > 0
+                && (closed
+                    || len > size
+                    || run == GSO_MAX_SEGS
+                    || off + len - run_start > GSO_MAX_BYTES)
+            {
+                tx.send(&txb.out[run_start..off], size, run);
+                run = 0;
+            }
+            if run == 0 {
+                run_start = off;
+                size = len;
+            }
+            closed = len < size;
+            run += 1;
+            off += len;
+        }
+        tx.send(&txb.out[run_start..off], size, run);
+        peer.tx_bytes += tx.sent;
+        if tx.datagrams > 0 {
+            if let (Some(pp), Some(f)) = (peer.paths.as_mut(), self.failover.as_mut()) {
+                pp.agent.handle_data_sent(now);
+                // The agent may now want a probe a fast interval from now.
+                let soon = now + f.min_fast;
+                f.deadline = Some(f.deadline.map_or(soon, |d| d.min(soon)));
+            }
+        }
+    }
+
+    /// Receives up to [`BATCH`] times on socket `uplink` (each receive may be a `UDP_GRO`
+    /// batch of one sender's datagrams), handles every datagram, then writes the decrypted
+    /// packets to TUN coalesced.
     fn handle_udp(&mut self, uplink: usize) {
+        // Taken out so that datagrams can borrow it while `self` handles them (an empty box
+        // does not allocate).
+        let mut buf = std::mem::take(&mut self.rx_buf);
         for _ in 0..BATCH {
-            let (n, src) = match self.uplinks.recv(uplink, &mut self.rx_buf) {
+            let (n, src, seg) = match self.uplinks.recv_gro(uplink, &mut buf) {
                 Ok(r) => r,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 // A pending socket error is consumed by the failing call; keep draining.
                 Err(_) => {
                     self.drops.io_errors += 1;
                     continue;
                 }
             };
+            self.fast.rx_recvs += 1;
+            if n == 0 {
+                self.drops.malformed += 1;
+                continue;
+            }
             // IPv4-mapped sources cannot occur (v6 socket is V6ONLY), so `src` is canonical.
-            self.handle_datagram(uplink, n, src);
+            let seg = if seg == 0 { n } else { seg };
+            for datagram in buf[..n].chunks(seg) {
+                self.fast.rx_packets += 1;
+                self.handle_datagram(uplink, datagram, src);
+            }
         }
+        self.rx_buf = buf;
+        self.flush_rx();
     }
 
-    fn handle_datagram(&mut self, uplink: usize, n: usize, src: SocketAddr) {
-        let datagram = &self.rx_buf[..n];
+    /// Writes the decrypted packets waiting in the RX batch to TUN.
+    fn flush_rx(&mut self) {
+        let (writes, merged, errors) = self.rxb.flush(&self.tun, self.offload.vnet_hdr);
+        self.fast.tun_writes += writes;
+        self.fast.gro_merged += merged;
+        self.drops.io_errors += errors;
+    }
+
+    fn handle_datagram(&mut self, uplink: usize, datagram: &[u8], src: SocketAddr) {
+        let n = datagram.len();
         let slot = match Tunn::parse_incoming_packet(datagram) {
             Err(_) => {
                 self.drops.malformed += 1;
@@ -451,7 +595,15 @@ impl Device {
         let mut authenticated = false;
         let mut data = false;
         let mut probe = None;
-        let mut res = tunn.decapsulate(Some(src.ip()), datagram, &mut self.tx_buf);
+        if self.rxb.is_full() {
+            let (writes, merged, errors) = self.rxb.flush(&self.tun, self.offload.vnet_hdr);
+            self.fast.tun_writes += writes;
+            self.fast.gro_merged += merged;
+            self.drops.io_errors += errors;
+        }
+        // Decrypted into the RX batch; kept there (`keep`) only if it goes to TUN.
+        let mut keep = None;
+        let mut res = tunn.decapsulate(Some(src.ip()), datagram, self.rxb.next_buf());
         loop {
             match res {
                 TunnResult::Done => authenticated = true,
@@ -475,9 +627,7 @@ impl Device {
                         probe = Some(p);
                     } else if self.allowed.lookup_v4(from) == Some(slot as u32) {
                         data = true;
-                        if self.tun.write(pkt).is_err() {
-                            self.drops.io_errors += 1;
-                        }
+                        keep = Some(pkt.len());
                     } else {
                         self.drops.bad_source += 1;
                     }
@@ -486,15 +636,16 @@ impl Device {
                     authenticated = true;
                     if self.allowed.lookup_v6(from) == Some(slot as u32) {
                         data = true;
-                        if self.tun.write(pkt).is_err() {
-                            self.drops.io_errors += 1;
-                        }
+                        keep = Some(pkt.len());
                     } else {
                         self.drops.bad_source += 1;
                     }
                 }
             }
             break;
+        }
+        if let Some(len) = keep {
+            self.rxb.commit(len);
         }
         if !authenticated {
             return;
@@ -1112,7 +1263,8 @@ impl Device {
         }
     }
 
-    fn status(&self) -> StatusReport {
+    fn status(&mut self) -> StatusReport {
+        let allocs_before = sys::thread_allocations();
         let now = Instant::now();
         let (uplinks, names) = match &self.failover {
             Some(f) => (
@@ -1172,12 +1324,30 @@ impl Device {
                 st
             })
             .collect();
-        StatusReport {
+        let fast = self.fast;
+        let dataplane = paths::DataplaneStatus {
+            allocations: allocs_before.saturating_sub(self.status_allocs),
+            tun_offload: self.offload.tso,
+            tun_uso: self.offload.uso,
+            udp_gso: self.uplinks.gso(),
+            tun_reads: fast.tun_reads,
+            tun_super_packets: fast.tun_super,
+            tx_packets: fast.tx_packets,
+            tx_sends: fast.tx_sends,
+            rx_recvs: fast.rx_recvs,
+            rx_packets: fast.rx_packets,
+            tun_writes: fast.tun_writes,
+            gro_merged: fast.gro_merged,
+        };
+        let report = StatusReport {
             iface: self.iface.clone(),
             listen_port: self.uplinks.port(),
             uplinks,
             peers,
-        }
+            dataplane,
+        };
+        self.status_allocs += sys::thread_allocations() - allocs_before;
+        report
     }
 
     /// Sends a handshake initiation to a peer with a known endpoint.
@@ -1195,6 +1365,43 @@ impl Device {
                 Ok(sent) => peer.tx_bytes += sent as u64,
                 Err(_) => self.drops.io_errors += 1,
             }
+        }
+    }
+}
+
+/// Sends the runs of datagrams of one TUN frame to one peer.
+struct TxRun<'a> {
+    uplinks: &'a Uplinks,
+    via: Option<UplinkId>,
+    ep: Option<SocketAddr>,
+    drops: &'a mut DropCounters,
+    fast: &'a mut FastStats,
+    /// Bytes sent.
+    sent: u64,
+    /// Datagrams sent.
+    datagrams: u64,
+}
+
+impl TxRun<'_> {
+    /// Sends `count` datagrams of `size` bytes (the last may be shorter) laid end to end in
+    /// `buf`; nothing when `count` is 0.
+    #[inline]
+    fn send(&mut self, buf: &[u8], size: usize, count: usize) {
+        if count == 0 {
+            return;
+        }
+        let Some(ep) = self.ep else {
+            self.drops.no_endpoint += count as u64;
+            return;
+        };
+        self.fast.tx_sends += 1;
+        match self.uplinks.send_segments(self.via, ep, buf, size) {
+            Ok(sent) => {
+                self.sent += sent as u64;
+                self.datagrams += count as u64;
+                self.fast.tx_packets += count as u64;
+            }
+            Err(_) => self.drops.io_errors += 1,
         }
     }
 }

@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 
 mod control;
 mod device;
+mod fastpath;
 mod netlink;
 mod paths;
 mod status;
@@ -17,6 +18,10 @@ mod uapi_client;
 mod uapi_server;
 mod updown;
 mod uplink;
+
+/// Counts allocations per thread; the data plane reports its own in `skymesh-agent status`.
+#[global_allocator]
+static GLOBAL: sys::CountingAlloc = sys::CountingAlloc;
 
 #[derive(Parser, Debug)]
 #[command(name = "skymesh-agent", version, about)]
@@ -122,6 +127,11 @@ struct RunFlags {
     /// Rotate the WireGuard key this often (seconds) while running.
     #[arg(long, env = "SKYMESH_ROTATE_KEY_EVERY_SECS")]
     rotate_key_every_secs: Option<u64>,
+    /// Uplinks file (YAML: `uplinks:` and `failover:` as in configs/agent-uplinks.yaml):
+    /// carrier-aware failover; without --endpoint, the announced endpoints are the uplinks'
+    /// addresses with the listen port.
+    #[arg(long, env = "SKYMESH_UPLINKS")]
+    uplinks: Option<std::path::PathBuf>,
 }
 
 impl RunFlags {
@@ -143,6 +153,11 @@ impl RunFlags {
             rotate_every: self
                 .rotate_key_every_secs
                 .map(std::time::Duration::from_secs),
+            uplinks: self
+                .uplinks
+                .as_deref()
+                .map(control::config::load_uplinks_file)
+                .transpose()?,
         })
     }
 }
@@ -163,6 +178,7 @@ fn parse_endpoint(s: &str) -> anyhow::Result<skymesh_proto::Endpoint> {
             .with_context(|| format!("--endpoint {s:?}: address"))?,
         uplink: name.to_string(),
         kind,
+        priority: None,
     })
 }
 
@@ -227,6 +243,7 @@ impl RunArgs {
             ca: c.controller.ca.clone(),
             allow_http: c.controller.allow_http,
             rotate_every: c.rotate_key_every_secs.map(std::time::Duration::from_secs),
+            uplinks: c.path_config()?,
         };
         let dir = control::state::StateDir::open(&c.state_dir)?;
         if dir.load_state()?.is_none() {

@@ -8,7 +8,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 use netlink_packet_core::{
-    NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST,
+    NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST,
 };
 use netlink_packet_route::address::{AddressAttribute, AddressMessage};
 use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
@@ -101,6 +101,52 @@ impl Rtnl {
 
     pub(crate) fn del_route(&mut self, index: u32, net: IpNet) -> io::Result<()> {
         self.request(RouteNetlinkMessage::DelRoute(route_message(index, net)), 0)
+    }
+
+    /// The addresses on link `index` (`ip addr show dev IFACE`), in the kernel's order.
+    pub(crate) fn addresses(&mut self, index: u32) -> io::Result<Vec<IpAddr>> {
+        self.seq = self.seq.wrapping_add(1);
+        let mut nl =
+            NetlinkMessage::from(RouteNetlinkMessage::GetAddress(AddressMessage::default()));
+        nl.header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+        nl.header.sequence_number = self.seq;
+        nl.finalize();
+        let mut buf = vec![0u8; nl.buffer_len()];
+        nl.serialize(&mut buf);
+        self.sock.send(&buf, 0)?;
+        let mut out = Vec::new();
+        loop {
+            let (data, _) = self.sock.recv_from_full()?;
+            let mut off = 0;
+            while off < data.len() {
+                let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&data[off..])
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+                let len = msg.header.length as usize;
+                if msg.header.sequence_number == self.seq {
+                    match msg.payload {
+                        NetlinkPayload::Done(_) => return Ok(out),
+                        NetlinkPayload::Error(e) => {
+                            if let Some(code) = e.code {
+                                return Err(io::Error::from_raw_os_error(-code.get()));
+                            }
+                        }
+                        NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewAddress(m))
+                            if m.header.index == index =>
+                        {
+                            if let Some(LinkChange::Address { addr, .. }) = address_change(&m, true)
+                            {
+                                out.push(addr);
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                if len == 0 {
+                    break;
+                }
+                off += (len + 3) & !3;
+            }
+        }
     }
 }
 

@@ -173,6 +173,31 @@ pub(crate) struct StatusReport {
     pub(crate) listen_port: u16,
     pub(crate) uplinks: Vec<UplinkStatus>,
     pub(crate) peers: Vec<PeerStatus>,
+    /// Packet-path offloads and counters (absent from older agents).
+    #[serde(default)]
+    pub(crate) dataplane: DataplaneStatus,
+}
+
+/// What the fast path runs with and has done (see `fastpath.rs`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub(crate) struct DataplaneStatus {
+    /// Heap allocations of the data-plane thread since it started, not counting those made
+    /// while building status reports: stays flat under traffic (zero per packet).
+    pub(crate) allocations: u64,
+    /// TUN with `IFF_VNET_HDR` and TSO (super-packets both ways).
+    pub(crate) tun_offload: bool,
+    /// TUN accepted USO as well (UDP super-datagrams).
+    pub(crate) tun_uso: bool,
+    /// `UDP_SEGMENT` sends still work on every socket.
+    pub(crate) udp_gso: bool,
+    pub(crate) tun_reads: u64,
+    pub(crate) tun_super_packets: u64,
+    pub(crate) tx_packets: u64,
+    pub(crate) tx_sends: u64,
+    pub(crate) rx_recvs: u64,
+    pub(crate) rx_packets: u64,
+    pub(crate) tun_writes: u64,
+    pub(crate) gro_merged: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -283,9 +283,14 @@ pub(crate) fn print_status(iface: Option<&str>, json: bool) -> anyhow::Result<()
     conn.read_to_string(&mut body)?;
     let report: StatusReport = serde_json::from_str(&body)
         .with_context(|| format!("unexpected answer from {}: {body}", path.display()))?;
+    let control = crate::control::failover::ControlStatus::read(&report.iface);
     let mut out = io::stdout().lock();
     if json {
-        writeln!(out, "{body}")?;
+        let mut v: serde_json::Value = serde_json::from_str(&body)?;
+        if let (Some(obj), Some(c)) = (v.as_object_mut(), &control) {
+            obj.insert("control".into(), serde_json::to_value(c)?);
+        }
+        writeln!(out, "{v}")?;
         return Ok(());
     }
     writeln!(
@@ -293,6 +298,40 @@ pub(crate) fn print_status(iface: Option<&str>, json: bool) -> anyhow::Result<()
         "interface {} (port {})",
         report.iface, report.listen_port
     )?;
+    let d = &report.dataplane;
+    writeln!(
+        out,
+        "  data plane: TUN offload {} (USO {}), UDP GSO {}, {} allocations",
+        d.tun_offload, d.tun_uso, d.udp_gso, d.allocations
+    )?;
+    match &control {
+        None => writeln!(
+            out,
+            "  control: none (device driven by hand, not by `run`/`join`)"
+        )?,
+        Some(c) => {
+            let age = c
+                .netmap_age_secs
+                .map_or("unknown".into(), |a| format!("{a} s"));
+            writeln!(
+                out,
+                "  node {} controller {} {}, netmap serial {}, age {age}{}",
+                c.node_id,
+                c.controller,
+                if c.controller_connected {
+                    "connected"
+                } else {
+                    "UNREACHABLE (fail-static: keeping the last netmap)"
+                },
+                c.serial.map_or("none".into(), |s| s.to_string()),
+                if c.written_secs_ago() > 10 {
+                    format!(" (control process silent for {} s)", c.written_secs_ago())
+                } else {
+                    String::new()
+                }
+            )?;
+        }
+    }
     for u in &report.uplinks {
         writeln!(
             out,

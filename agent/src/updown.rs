@@ -67,6 +67,15 @@ fn pid_alive(pid: u32) -> bool {
 /// Starts `skymesh-agent device IFACE --foreground` detached and waits until its UAPI socket
 /// answers. Returns the child's pid.
 pub(crate) fn spawn_detached_device(iface: &str, log: Option<&Path>) -> anyhow::Result<u32> {
+    spawn_detached_device_with(iface, log, None)
+}
+
+/// [`spawn_detached_device`] with an uplinks file (`device --uplinks FILE`: failover).
+pub(crate) fn spawn_detached_device_with(
+    iface: &str,
+    log: Option<&Path>,
+    uplinks: Option<&Path>,
+) -> anyhow::Result<u32> {
     let exe = std::env::current_exe().context("locating own executable")?;
     let out = match log {
         Some(p) => Stdio::from(
@@ -79,8 +88,12 @@ pub(crate) fn spawn_detached_device(iface: &str, log: Option<&Path>) -> anyhow::
         ),
         None => Stdio::null(),
     };
-    let mut child = Command::new(exe)
-        .args(["device", iface, "--foreground"])
+    let mut cmd = Command::new(exe);
+    cmd.args(["device", iface, "--foreground"]);
+    if let Some(u) = uplinks {
+        cmd.arg("--uplinks").arg(u);
+    }
+    let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(out)

@@ -7,6 +7,7 @@
 //! socket therefore tells which uplink it came in on, and sending through an uplink's socket
 //! makes it leave through that uplink.
 
+use std::cell::Cell;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::os::fd::{AsRawFd as _, RawFd};
@@ -19,6 +20,42 @@ struct Socket {
     sock: UdpSocket,
     v6: bool,
     uplink: Option<UplinkId>,
+    /// `UDP_SEGMENT` works on this socket; cleared at its first EIO/EINVAL (no GSO on the
+    /// route), after which batches go out with `sendmmsg`.
+    gso: Cell<bool>,
+}
+
+impl Socket {
+    fn new(sock: UdpSocket, v6: bool, uplink: Option<UplinkId>) -> Socket {
+        // Best effort: without UDP_GRO every receive is one datagram, which is still correct.
+        let _ = sys::enable_udp_gro(&sock);
+        Socket {
+            sock,
+            v6,
+            uplink,
+            gso: Cell::new(true),
+        }
+    }
+
+    /// Sends `buf` as datagrams of `seg` bytes (the last may be shorter).
+    fn send_segments(&self, to: SocketAddr, buf: &[u8], seg: usize) -> io::Result<usize> {
+        if buf.len() <= seg {
+            return self.sock.send_to(buf, to);
+        }
+        if self.gso.get() {
+            match u16::try_from(seg) {
+                Ok(s) => match sys::send_gso(&self.sock, to, buf, s) {
+                    Err(e) if matches!(e.raw_os_error(), Some(libc::EIO | libc::EINVAL)) => {
+                        tracing::info!(error = %e, "UDP GSO refused; sending batches with sendmmsg");
+                        self.gso.set(false);
+                    }
+                    r => return r,
+                },
+                Err(_) => self.gso.set(false),
+            }
+        }
+        sys::send_mmsg(&self.sock, to, buf, seg)
+    }
 }
 
 pub(crate) struct Uplinks {
@@ -40,22 +77,14 @@ impl Uplinks {
             reuse,
         )?;
         let port = v4.local_addr()?.port();
-        let mut sockets = vec![Socket {
-            sock: v4,
-            v6: false,
-            uplink: None,
-        }];
+        let mut sockets = vec![Socket::new(v4, false, None)];
         match sys::udp_socket_on(
             SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)),
             mark,
             None,
             reuse,
         ) {
-            Ok(sock) => sockets.push(Socket {
-                sock,
-                v6: true,
-                uplink: None,
-            }),
+            Ok(sock) => sockets.push(Socket::new(sock, true, None)),
             Err(e) if e.kind() == io::ErrorKind::AddrInUse => return Err(e),
             // IPv6 may be disabled; the device then works over IPv4 only.
             Err(e) => tracing::warn!(error = %e, "no IPv6 UDP socket; IPv4 underlay only"),
@@ -78,11 +107,11 @@ impl Uplinks {
                 )
             })?;
             by_uplink.push(sockets.len());
-            sockets.push(Socket {
+            sockets.push(Socket::new(
                 sock,
-                v6: ip.is_ipv6(),
-                uplink: u8::try_from(i).ok().map(UplinkId),
-            });
+                ip.is_ipv6(),
+                u8::try_from(i).ok().map(UplinkId),
+            ));
         }
         Ok(Uplinks {
             port,
@@ -115,14 +144,56 @@ impl Uplinks {
         self.sockets.get(i).and_then(|s| s.uplink)
     }
 
-    /// Receives one datagram on socket `i`.
+    /// Receives on socket `i`: `(bytes, source, segment size)`, see [`sys::recv_gro`].
     #[inline]
-    pub(crate) fn recv(&self, i: usize, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+    pub(crate) fn recv_gro(
+        &self,
+        i: usize,
+        buf: &mut [u8],
+    ) -> io::Result<(usize, SocketAddr, usize)> {
         match self.sockets.get(i) {
-            Some(u) => u.sock.recv_from(buf),
-            // A stale event for a socket replaced by a listen-port change: nothing to read.
+            Some(u) => sys::recv_gro(&u.sock, buf),
             None => Err(io::ErrorKind::WouldBlock.into()),
         }
+    }
+
+    /// The socket a peer's traffic leaves through: its uplink's (when of `to`'s family) or the
+    /// wildcard socket of the family — the same choice as [`Uplinks::send_on`]/[`Uplinks::send`].
+    fn socket_for(&self, via: Option<UplinkId>, to: SocketAddr) -> Option<&Socket> {
+        if let Some(u) = via {
+            let s = self
+                .by_uplink
+                .get(usize::from(u.0))
+                .and_then(|&i| self.sockets.get(i))?;
+            if s.v6 == to.is_ipv6() {
+                return Some(s);
+            }
+        }
+        self.sockets
+            .iter()
+            .find(|u| u.uplink.is_none() && u.v6 == to.is_ipv6())
+    }
+
+    /// Sends `buf` (datagrams of `seg` bytes back to back, the last may be shorter) to `to`
+    /// through the peer's socket with one GSO `sendmsg` (or `sendmmsg` where GSO is refused).
+    /// At most 64 datagrams and 64 KiB per call.
+    #[inline]
+    pub(crate) fn send_segments(
+        &self,
+        via: Option<UplinkId>,
+        to: SocketAddr,
+        buf: &[u8],
+        seg: usize,
+    ) -> io::Result<usize> {
+        match self.socket_for(via, to) {
+            Some(s) => s.send_segments(to, buf, seg),
+            None => Err(io::ErrorKind::AddrNotAvailable.into()),
+        }
+    }
+
+    /// Whether UDP GSO still works on every socket (for the status report).
+    pub(crate) fn gso(&self) -> bool {
+        self.sockets.iter().all(|s| s.gso.get())
     }
 
     /// Sends through socket `i` (a reply on the socket the request came in on).

@@ -38,11 +38,13 @@ fn topology(policy: Policy) -> Topology {
                         addr: SocketAddr::from(([198, 18, (i >> 8) as u8, i as u8], 51820)),
                         uplink: "starlink".into(),
                         kind: UplinkKind::Satellite,
+                        priority: Some(0),
                     },
                     Endpoint {
                         addr: SocketAddr::from(([198, 19, (i >> 8) as u8, i as u8], 51820)),
                         uplink: "fibre".into(),
                         kind: UplinkKind::Terrestrial,
+                        priority: Some(1),
                     },
                 ],
                 approved_routes: vec![],

@@ -1,6 +1,9 @@
 //! Registrations per second against real SQLite (WAL, synchronous=FULL) in a temp dir:
 //! the store call alone, and the full HTTP handler path (JSON, validation, store) with 32
 //! registrations in flight at once.
+//!
+//! With `SKYMESH_BENCH_DATABASE_URL=postgres://...` (an empty database) the same runs against
+//! PostgreSQL instead (group `registrations_postgres`).
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -23,6 +26,9 @@ fn key(i: u32) -> WgPublicKey {
 async fn setup(dir: &std::path::Path) -> (AppState, String) {
     let config = Config {
         data_dir: dir.join("data"),
+        database: std::env::var("SKYMESH_BENCH_DATABASE_URL")
+            .ok()
+            .map(skymesh_controller::config::DatabaseConfig::new),
         ..Config::default()
     };
     let state = open(&config, Clock::System).await.expect("open");
@@ -62,7 +68,12 @@ fn bench(c: &mut Criterion) {
     let (state, secret) = rt.block_on(setup(dir.path()));
     let counter = AtomicU32::new(0);
 
-    let mut g = c.benchmark_group("registrations_sqlite");
+    let backend = if std::env::var_os("SKYMESH_BENCH_DATABASE_URL").is_some() {
+        "postgres"
+    } else {
+        "sqlite"
+    };
+    let mut g = c.benchmark_group(format!("registrations_{backend}"));
     g.sample_size(10);
     g.measurement_time(Duration::from_secs(10));
     g.throughput(Throughput::Elements(1));

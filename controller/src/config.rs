@@ -49,14 +49,55 @@ fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
 pub struct Config {
     /// Address the HTTP API listens on.
     pub listen: SocketAddr,
-    /// Directory holding the SQLite database and the controller's signing key.
+    /// Directory holding the SQLite database (unless `database` is set) and the controller's
+    /// signing key (unless `signing_key` is set).
     pub data_dir: PathBuf,
+    /// PostgreSQL instead of the embedded SQLite: for several controller replicas.
+    pub database: Option<DatabaseConfig>,
+    /// The controller's Ed25519 signing key file (created 0600 if missing). Default:
+    /// `controller-signing.key` in `data_dir`. Replicas must all use the same key.
+    pub signing_key: Option<PathBuf>,
     pub overlay: OverlayConfig,
     /// MTU handed to agents for the overlay interface (WireGuard over IPv6 needs 80 bytes).
     pub mtu: u16,
     /// Largest request body accepted, in bytes.
     pub max_body_bytes: usize,
     pub policy: PolicyConfig,
+}
+
+/// `database:` — a shared PostgreSQL database.
+#[derive(Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// `postgres://user:password@host:5432/dbname` (libpq-style parameters such as
+    /// `?sslmode=require` or `?host=/run/postgresql` are understood).
+    pub url: String,
+    /// Connections this controller keeps in its pool (plus one for change notifications).
+    #[serde(default = "default_max_connections")]
+    pub max_connections: u32,
+}
+
+fn default_max_connections() -> u32 {
+    10
+}
+
+impl DatabaseConfig {
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            max_connections: default_max_connections(),
+        }
+    }
+}
+
+/// Debug output never shows the database password.
+impl std::fmt::Debug for DatabaseConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatabaseConfig")
+            .field("url", &crate::store::postgres::redact_url(&self.url))
+            .field("max_connections", &self.max_connections)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -80,6 +121,8 @@ impl Default for Config {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             data_dir: PathBuf::from("/var/lib/skymesh-controller"),
+            database: None,
+            signing_key: None,
             overlay: OverlayConfig::default(),
             mtu: 1380,
             max_body_bytes: 64 * 1024,
@@ -162,9 +205,36 @@ impl Config {
                 format!("{} is outside 1024..=16777216", self.max_body_bytes),
             ));
         }
+        if let Some(db) = &self.database {
+            db.validate()?;
+        }
         self.policy
             .validate()
             .map_err(|message| invalid("policy.rules", message))?;
+        Ok(())
+    }
+}
+
+impl DatabaseConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let scheme = self.url.split_once("://").map(|(s, _)| s);
+        if !matches!(scheme, Some("postgres" | "postgresql")) {
+            return Err(invalid(
+                "database.url",
+                "must be a postgres:// or postgresql:// URL (without `database`, the embedded \
+                 SQLite in data_dir is used)",
+            ));
+        }
+        if let Err(e) = <sqlx::postgres::PgConnectOptions as std::str::FromStr>::from_str(&self.url)
+        {
+            return Err(invalid("database.url", e.to_string()));
+        }
+        if !(1..=1000).contains(&self.max_connections) {
+            return Err(invalid(
+                "database.max_connections",
+                format!("{} is outside 1..=1000", self.max_connections),
+            ));
+        }
         Ok(())
     }
 }
@@ -208,6 +278,20 @@ mod tests {
         assert!(e.to_string().contains("overlay.ipv6"), "{e}");
         let e = parse("overlay: { ipv4: 10.77.0.1/16 }").expect_err("host bits");
         assert!(e.to_string().contains("10.77.0.0/16"), "{e}");
+        let e = parse("database: { url: mysql://db/skymesh }").expect_err("not postgres");
+        assert!(e.to_string().contains("database.url"), "{e}");
+        let e = parse("database: { url: 'postgres://db/x', max_connections: 0 }").expect_err("0");
+        assert!(e.to_string().contains("database.max_connections"), "{e}");
+        let e = parse("database: { uri: 'postgres://db/x' }").expect_err("typo");
+        assert!(e.to_string().contains("uri"), "{e}");
+        let c = parse("database: { url: 'postgres://u:pw@db/x' }\nsigning_key: /etc/k")
+            .expect("postgres config");
+        let db = c.database.as_ref().expect("database");
+        assert_eq!(db.max_connections, 10);
+        assert!(
+            !format!("{c:?}").contains("pw"),
+            "password leaked into Debug"
+        );
         let e = parse("policy: { rules: [ { from: [], to: [x] } ] }").expect_err("empty");
         assert!(e.to_string().contains("policy.rules"), "{e}");
     }

@@ -1,5 +1,5 @@
 //! skymesh controller: enrollment, IPAM, tag policy and signed netmaps behind a REST API,
-//! on embedded SQLite.
+//! on embedded SQLite, or on PostgreSQL shared by several replicas.
 //!
 //! Layout: pure logic in [`ipam`], [`policy`], [`netmap`], [`audit`]; persistence in [`store`];
 //! HTTP in [`api`]. [`open`] wires them from a [`config::Config`].
@@ -26,7 +26,7 @@ pub use api::{app, openapi, AppState};
 use crate::config::Config;
 use crate::ipam::Pools;
 use crate::policy::Policy;
-use crate::store::{Store, StoreOptions};
+use crate::store::{ChangeFeed, Store, StoreError, StoreOptions};
 
 /// The only place the controller reads the time (unix seconds). Tests use `Manual`.
 #[derive(Debug, Clone, Default)]
@@ -69,20 +69,77 @@ pub fn store_options(config: &Config) -> StoreOptions {
     }
 }
 
-/// Opens the store (creating the data directory), loads or creates the signing key, and
-/// returns the application state.
+/// Opens the configured store: PostgreSQL when `database` is set, else SQLite in the data
+/// directory (created if missing). The configuration must have been validated.
+pub async fn open_store(config: &Config) -> Result<Store, OpenError> {
+    let opts = store_options(config);
+    Ok(match &config.database {
+        Some(db) => Store::open_postgres(&db.url, db.max_connections, &opts).await?,
+        None => {
+            signing::ensure_data_dir(&config.data_dir)?;
+            Store::open_sqlite(&config.data_dir, &opts).await?
+        }
+    })
+}
+
+/// Opens the store, loads or creates the signing key (and pins its public key in the
+/// database), and returns the application state. With PostgreSQL it also starts following
+/// changes committed by other replicas (see [`follow_changes`]).
 pub async fn open(config: &Config, clock: Clock) -> Result<AppState, OpenError> {
     config.validate()?;
-    let key = signing::load_or_create(&config.data_dir)?;
-    let store = Store::open_sqlite(&config.data_dir, &store_options(config)).await?;
-    Ok(AppState::new(
+    let key = match &config.signing_key {
+        Some(path) => signing::load_or_create_file(path)?,
+        None => signing::load_or_create(&config.data_dir)?,
+    };
+    let store = open_store(config).await?;
+    store
+        .pin_controller_key(&skymesh_proto::ControllerPublicKey(key.verifying_key()).to_string())
+        .await?;
+    // Subscribed before any request is served, so no replica's change can slip past.
+    let feed = store.change_feed().await?;
+    let state = AppState::new(
         store,
         key,
         Policy::new(&config.policy),
         config.mtu,
         config.max_body_bytes,
         clock,
-    ))
+    );
+    if let Some(feed) = feed {
+        tokio::spawn(follow_changes(state.clone(), feed));
+    }
+    Ok(state)
+}
+
+/// Runs until shutdown or the store closes: wakes this replica's netmap streams whenever any
+/// replica commits a serial bump (PostgreSQL `LISTEN`), exactly as a local write does.
+pub async fn follow_changes(state: AppState, mut feed: ChangeFeed) {
+    let mut closing = state.closing();
+    let changes = state.subscribe();
+    loop {
+        let next = tokio::select! {
+            n = feed.next() => n,
+            _ = closing.wait_for(|c| *c) => return,
+        };
+        match next {
+            // Our own commit (already published) or an older one: nothing to do.
+            Ok(Some(serial)) if serial != 0 && serial <= *changes.borrow() => continue,
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                tracing::warn!("database notification connection lost and re-established");
+            }
+            Err(StoreError::Db(sqlx::Error::PoolClosed)) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "waiting for database change notifications failed");
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+        }
+        // Read the serial rather than trusting the payload: after a reconnect or error a
+        // notification may have been missed.
+        if let Err(e) = state.publish().await {
+            tracing::warn!(error = %e.message, "publishing a replica's change failed");
+        }
+    }
 }
 
 /// Runs forever: once a second, folds node expiries into the serial (see

@@ -2,14 +2,15 @@
 
 use std::io::Write as _;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
-use skymesh_controller::config::Config;
+use skymesh_controller::config::{Config, DatabaseConfig};
+use skymesh_controller::store::postgres::redact_url;
 use skymesh_controller::store::{Actor, Scope, Store};
-use skymesh_controller::{open, signing, store_options, Clock};
+use skymesh_controller::{open, Clock};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -43,6 +44,10 @@ struct CommonArgs {
     /// Directory for the database and signing key (overrides `data_dir` in the config).
     #[arg(long, env = "SKYMESH_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    /// PostgreSQL URL, e.g. postgres://skymesh:pw@db:5432/skymesh (overrides `database.url`);
+    /// without one, SQLite in the data dir. Replicas share one database.
+    #[arg(long, env = "SKYMESH_DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
 }
 
 #[derive(Args)]
@@ -55,6 +60,10 @@ struct ServeArgs {
     /// MTU handed to agents (overrides `mtu`).
     #[arg(long, env = "SKYMESH_MTU")]
     mtu: Option<u16>,
+    /// Signing key file (overrides `signing_key`; default: controller-signing.key in the data
+    /// dir). Every replica must use the same key.
+    #[arg(long, env = "SKYMESH_SIGNING_KEY")]
+    signing_key: Option<PathBuf>,
     /// Overlay IPv4 prefix (overrides `overlay.ipv4`; fixed at first start).
     #[arg(long, env = "SKYMESH_OVERLAY_IPV4")]
     overlay_ipv4: Option<ipnet::Ipv4Net>,
@@ -101,28 +110,51 @@ fn load_config(common: &CommonArgs) -> anyhow::Result<Config> {
     if let Some(d) = &common.data_dir {
         config.data_dir = d.clone();
     }
+    if let Some(url) = &common.database_url {
+        match &mut config.database {
+            Some(db) => db.url = url.clone(),
+            None => config.database = Some(DatabaseConfig::new(url.clone())),
+        }
+    }
     Ok(config)
+}
+
+/// Where the data lives, for messages (the database password is never shown).
+fn database_name(config: &Config) -> String {
+    match &config.database {
+        Some(db) => redact_url(&db.url),
+        None => format!("SQLite in {}", config.data_dir.display()),
+    }
 }
 
 async fn open_store(config: &Config) -> anyhow::Result<Store> {
     config.validate()?;
-    signing::ensure_data_dir(&config.data_dir)?;
-    Store::open_sqlite(&config.data_dir, &store_options(config))
+    skymesh_controller::open_store(config)
         .await
-        .with_context(|| format!("opening the database in {}", config.data_dir.display()))
+        .with_context(|| format!("opening the database ({})", database_name(config)))
 }
 
 fn now() -> u64 {
     Clock::System.now()
 }
 
-/// The command that creates an admin token for this data dir, naming this very binary so it
-/// can be pasted as is (also when run through `cargo run`).
-fn token_hint(data_dir: &Path) -> String {
+/// The command that creates an admin token for this database, naming this very binary so it
+/// can be pasted as is (also when run through `cargo run`). The database password is not
+/// repeated: it comes from the same config file or `SKYMESH_DATABASE_URL`.
+fn token_hint(config: &Config) -> String {
     let exe = std::env::args()
         .next()
         .unwrap_or_else(|| "skymesh-controller".into());
-    format!("{exe} admin-token create --data-dir {}", data_dir.display())
+    match &config.database {
+        Some(db) => format!(
+            "{exe} admin-token create --database-url '{}'",
+            redact_url(&db.url)
+        ),
+        None => format!(
+            "{exe} admin-token create --data-dir {}",
+            config.data_dir.display()
+        ),
+    }
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -141,6 +173,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     if let Some(v) = args.max_body_bytes {
         config.max_body_bytes = v;
+    }
+    if let Some(v) = args.signing_key {
+        config.signing_key = Some(v);
     }
     let state = open(&config, Clock::System)
         .await
@@ -162,15 +197,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let _ = writeln!(out, "skymesh-controller listening on {scheme}://{addr}");
     let _ = writeln!(
         out,
-        "  data dir: {}  controller key: {}",
-        config.data_dir.display(),
+        "  data: {}  controller key: {}",
+        database_name(&config),
         state.controller_public_key()
     );
-    let _ = writeln!(
-        out,
-        "  get an admin token: {}",
-        token_hint(&config.data_dir)
-    );
+    let _ = writeln!(out, "  get an admin token: {}", token_hint(&config));
     let _ = out.flush();
     drop(out);
     tracing::info!(%addr, "serving");

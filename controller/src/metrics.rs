@@ -4,7 +4,9 @@
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::store::Stats;
+use skymesh_proto::UplinkKind;
+
+use crate::store::{NodeRecord, NodeSeen, Stats};
 
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -114,6 +116,99 @@ impl Metrics {
     }
 }
 
+/// A Prometheus label value: `\`, `"` and newlines escaped.
+fn label(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Per-node gauges from what the nodes last reported: last-seen age, netmap age, the uplink
+/// each peer path uses (`skymesh_node_path_uplink{node,peer,uplink,kind} 1`), switch counts,
+/// path RTT/loss and uplink state. `nodes` pairs each node with its last contact.
+pub fn render_nodes(nodes: &[(NodeRecord, Option<NodeSeen>)], now: u64) -> String {
+    let mut out = String::new();
+    let families = [
+        ("skymesh_node_last_seen_age_seconds", "gauge", "Seconds since the node was last heard from."),
+        ("skymesh_node_netmap_age_seconds", "gauge", "Staleness of the netmap the node runs on, as of its last report (0: stream connected)."),
+        ("skymesh_node_netmap_serial", "gauge", "Netmap serial the node reported as applied."),
+        ("skymesh_node_uplink_up", "gauge", "Whether a node's uplink link is up."),
+        ("skymesh_node_path_uplink", "gauge", "1 for the local uplink (and its kind) carrying the node's traffic to a peer."),
+        ("skymesh_node_path_switches_total", "counter", "Path switches of the node towards a peer since its device started."),
+        ("skymesh_node_path_rtt_seconds", "gauge", "Smoothed RTT of one path (node uplink to peer endpoint)."),
+        ("skymesh_node_path_loss_ratio", "gauge", "Probe loss of one path."),
+    ];
+    let mut lines: Vec<Vec<String>> = vec![Vec::new(); families.len()];
+    let mut names = std::collections::BTreeMap::new();
+    for (n, _) in nodes {
+        names.insert(n.id, n.name.as_str());
+    }
+    for (node, seen) in nodes {
+        let Some(seen) = seen else { continue };
+        let n = format!("node=\"{}\",name=\"{}\"", node.id, label(&node.name));
+        lines[0].push(format!("{{{n}}} {}", now.saturating_sub(seen.last_seen)));
+        let Some(status) = &seen.status else { continue };
+        if let Some(age) = status.netmap_age_secs {
+            // The report is itself this old: the netmap has aged at least as much since.
+            let since = seen.reported_at.map_or(0, |r| now.saturating_sub(r));
+            lines[1].push(format!("{{{n}}} {}", age.saturating_add(since)));
+        }
+        lines[2].push(format!("{{{n}}} {}", status.serial));
+        for u in &status.uplinks {
+            lines[3].push(format!(
+                "{{{n},uplink=\"{}\",kind=\"{}\"}} {}",
+                label(&u.name),
+                kind_name(u.kind),
+                u8::from(u.up)
+            ));
+        }
+        for p in &status.peers {
+            let peer = format!(
+                "{n},peer=\"{}\",peer_name=\"{}\"",
+                p.node_id,
+                label(names.get(&p.node_id).copied().unwrap_or(""))
+            );
+            if let (Some(uplink), Some(kind)) = (&p.uplink, p.uplink_kind) {
+                lines[4].push(format!(
+                    "{{{peer},uplink=\"{}\",kind=\"{}\"}} 1",
+                    label(uplink),
+                    kind_name(kind)
+                ));
+            }
+            if !p.paths.is_empty() {
+                lines[5].push(format!("{{{peer}}} {}", p.switch_count));
+            }
+            for x in &p.paths {
+                let l = format!(
+                    "{peer},uplink=\"{}\",remote=\"{}\"",
+                    label(&x.uplink),
+                    x.remote
+                );
+                if let Some(rtt) = x.rtt_us {
+                    lines[6].push(format!("{{{l}}} {}", rtt as f64 / 1e6));
+                }
+                lines[7].push(format!("{{{l}}} {}", f64::from(x.loss_permille) / 1e3));
+            }
+        }
+    }
+    for ((name, kind, help), lines) in families.iter().zip(lines) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for l in lines {
+            let _ = writeln!(out, "{name}{l}");
+        }
+    }
+    out
+}
+
+fn kind_name(k: UplinkKind) -> &'static str {
+    match k {
+        UplinkKind::Satellite => "satellite",
+        UplinkKind::Terrestrial => "terrestrial",
+        UplinkKind::Cellular => "cellular",
+        UplinkKind::Unknown => "unknown",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -142,5 +237,86 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("# TYPE skymesh_topology_serial gauge\nskymesh_topology_serial 7\n"));
+    }
+
+    #[test]
+    fn node_reports_become_path_uplink_switch_and_staleness_gauges() {
+        use skymesh_proto::{
+            NodeId, NodeState, PathHealth, PathReport, PeerStatus, StatusReport, UplinkReport,
+            WgPublicKey,
+        };
+        let node = |id: u64, name: &str| NodeRecord {
+            id: NodeId(id),
+            name: name.into(),
+            public_key: WgPublicKey([id as u8; 32]),
+            state: NodeState::Approved,
+            ipv4: "10.77.0.1".parse().expect("ip"),
+            ipv6: "fd7a::1".parse().expect("ip"),
+            tags: vec![],
+            endpoints: vec![],
+            advertised_routes: vec![],
+            approved_routes: vec![],
+            enrollment_key_id: None,
+            created_at: 0,
+            expires_at: None,
+        };
+        let status = StatusReport {
+            serial: 9,
+            peers: vec![PeerStatus {
+                node_id: NodeId(2),
+                last_handshake: None,
+                rx_bytes: 0,
+                tx_bytes: 0,
+                uplink: Some("fibre".into()),
+                endpoint: None,
+                uplink_kind: Some(UplinkKind::Terrestrial),
+                switch_count: 3,
+                last_switch_reason: Some("link_down".into()),
+                last_switch_secs_ago: Some(1),
+                paths: vec![PathReport {
+                    uplink: "fibre".into(),
+                    kind: UplinkKind::Terrestrial,
+                    remote: "198.19.1.2:51820".parse().expect("addr"),
+                    health: PathHealth::Healthy,
+                    active: true,
+                    rtt_us: Some(1500),
+                    loss_permille: 20,
+                }],
+            }],
+            netmap_age_secs: Some(5),
+            uplinks: vec![UplinkReport {
+                name: "starlink".into(),
+                kind: UplinkKind::Satellite,
+                priority: 0,
+                up: false,
+            }],
+        };
+        let seen = NodeSeen {
+            last_seen: 990,
+            seen_from: None,
+            reported_at: Some(995),
+            status: Some(status),
+        };
+        let text = render_nodes(
+            &[(node(1, "field \"1\""), Some(seen)), (node(2, "hq"), None)],
+            1000,
+        );
+        let n = r#"node="1",name="field \"1\"""#;
+        for want in [
+            format!("skymesh_node_last_seen_age_seconds{{{n}}} 10\n"),
+            format!("skymesh_node_netmap_age_seconds{{{n}}} 10\n"),
+            format!("skymesh_node_uplink_up{{{n},uplink=\"starlink\",kind=\"satellite\"}} 0\n"),
+            format!(
+                "skymesh_node_path_uplink{{{n},peer=\"2\",peer_name=\"hq\",uplink=\"fibre\",kind=\"terrestrial\"}} 1\n"
+            ),
+            format!("skymesh_node_path_switches_total{{{n},peer=\"2\",peer_name=\"hq\"}} 3\n"),
+            "skymesh_node_path_rtt_seconds{".to_string(),
+            "remote=\"198.19.1.2:51820\"} 0.0015\n".to_string(),
+            "# TYPE skymesh_node_path_switches_total counter\n".to_string(),
+        ] {
+            assert!(text.contains(&want), "missing {want:?} in\n{text}");
+        }
+        // Node 2 never called in: no gauges for it.
+        assert!(!text.contains("node=\"2\""), "{text}");
     }
 }

@@ -51,7 +51,13 @@ pub fn ensure_data_dir(dir: &Path) -> Result<(), KeyFileError> {
 /// Loads the key from `dir`, creating it on first start.
 pub fn load_or_create(dir: &Path) -> Result<SigningKey, KeyFileError> {
     ensure_data_dir(dir)?;
-    let path = dir.join(KEY_FILE);
+    load_or_create_file(&dir.join(KEY_FILE))
+}
+
+/// Loads the key file at `path`, creating it (0600) if missing; its directory must exist.
+/// Controller replicas point this at copies of one key.
+pub fn load_or_create_file(path: &Path) -> Result<SigningKey, KeyFileError> {
+    let path = path.to_owned();
     match fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -110,6 +116,21 @@ mod tests {
         );
         let k2 = load_or_create(&data).expect("reload");
         assert_eq!(k1.to_bytes(), k2.to_bytes());
+    }
+
+    #[test]
+    fn an_explicit_key_file_is_created_0600_and_shared_by_whoever_names_it() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("shared.key");
+        let k1 = load_or_create_file(&path).expect("create");
+        let mode = fs::metadata(&path).expect("meta").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let k2 = load_or_create_file(&path).expect("load");
+        assert_eq!(k1.to_bytes(), k2.to_bytes());
+        assert!(matches!(
+            load_or_create_file(&dir.path().join("missing-dir/k")),
+            Err(KeyFileError::Io { .. })
+        ));
     }
 
     #[test]

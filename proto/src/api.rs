@@ -6,7 +6,7 @@
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use crate::{ControllerPublicKey, Endpoint, NodeId, WgPublicKey};
+use crate::{ControllerPublicKey, Endpoint, NodeId, UplinkKind, WgPublicKey};
 
 /// Body of `POST /api/v1/register`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -93,6 +93,73 @@ pub struct PeerStatus {
     #[serde(default)]
     #[cfg_attr(feature = "openapi", schema(value_type = Option<String>))]
     pub endpoint: Option<std::net::SocketAddr>,
+    /// Kind of the local uplink in `uplink` (failover-managed peers only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uplink_kind: Option<UplinkKind>,
+    /// Path switches since the device started (failover-managed peers only).
+    #[serde(default)]
+    pub switch_count: u64,
+    /// Why the last switch happened (`link_down`, `distress`, `failback`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_switch_reason: Option<String>,
+    /// Seconds since the last switch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_switch_secs_ago: Option<u64>,
+    /// Every candidate path (local uplink × peer endpoint) with its measurements; empty for
+    /// peers under standard WireGuard roaming.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<PathReport>,
+}
+
+/// Health of one path as the failover state machine sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub enum PathHealth {
+    /// Not yet proven by a probe reply.
+    Unproven,
+    Healthy,
+    /// In distress: probes or traffic went unanswered.
+    Failed,
+    /// The local uplink's link is down.
+    LinkDown,
+    #[serde(other)]
+    Unknown,
+}
+
+/// One path to a peer: a local uplink and one of the peer's endpoints.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct PathReport {
+    /// Local uplink name.
+    pub uplink: String,
+    pub kind: UplinkKind,
+    /// The peer's endpoint.
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
+    pub remote: std::net::SocketAddr,
+    pub health: PathHealth,
+    /// Whether traffic to the peer uses this path.
+    pub active: bool,
+    /// Smoothed round-trip time in microseconds, once measured.
+    #[serde(default)]
+    pub rtt_us: Option<u64>,
+    /// Probe loss, per mille (0-1000).
+    #[serde(default)]
+    pub loss_permille: u16,
+}
+
+/// One local uplink of the reporting node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct UplinkReport {
+    pub name: String,
+    pub kind: UplinkKind,
+    /// The node's tier for it (lower is preferred).
+    pub priority: u8,
+    /// Whether its link is up.
+    pub up: bool,
 }
 
 /// Body of `POST /api/v1/node/status`.
@@ -103,6 +170,13 @@ pub struct StatusReport {
     /// The netmap serial the node has applied.
     pub serial: u64,
     pub peers: Vec<PeerStatus>,
+    /// Seconds since the controller last confirmed the node's netmap (0 while the netmap
+    /// stream is connected): how stale the netmap the node runs on may be.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netmap_age_secs: Option<u64>,
+    /// The node's uplinks (nodes with failover configured).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub uplinks: Vec<UplinkReport>,
 }
 
 /// Body of `POST /api/v1/node/rotate-key`.

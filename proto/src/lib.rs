@@ -11,8 +11,8 @@ mod netmap;
 mod signed;
 
 pub use api::{
-    EndpointsReport, NodeState, PeerStatus, RegisterRequest, RegisterResponse, RotateKeyRequest,
-    StatusReport, REFLEXIVE_UPLINK,
+    EndpointsReport, NodeState, PathHealth, PathReport, PeerStatus, RegisterRequest,
+    RegisterResponse, RotateKeyRequest, StatusReport, UplinkReport, REFLEXIVE_UPLINK,
 };
 pub use delta::{
     diff, sign_delta, ApplyError, NetMapDelta, SignedDelta, StreamEvent, DELTA_SIGNING_CONTEXT,

@@ -32,6 +32,11 @@ pub struct Endpoint {
     /// The uplink's name on the node that owns it (e.g. `starlink`, `fibre`).
     pub uplink: String,
     pub kind: UplinkKind,
+    /// The owner's tier for this uplink (its `uplinks[].priority`; lower is preferred). Peers
+    /// rank their paths to the owner by it. Absent from older agents and for the controller's
+    /// `reflexive` endpoint; receivers then fall back to a tier derived from `kind`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<u8>,
 }
 
 /// The receiving node itself.
@@ -98,6 +103,22 @@ mod tests {
             serde_json::from_str(r#"{"addr":"[fd00::1]:1","uplink":"s","kind":"satellite"}"#)
                 .expect("known kind parses");
         assert_eq!(e.kind, UplinkKind::Satellite);
+        assert_eq!(e.priority, None);
+    }
+
+    #[test]
+    fn endpoint_priority_is_optional_and_omitted_when_absent() {
+        let e: Endpoint = serde_json::from_str(
+            r#"{"addr":"198.18.0.1:51820","uplink":"fibre","kind":"terrestrial","priority":1}"#,
+        )
+        .expect("parses");
+        assert_eq!(e.priority, Some(1));
+        let json = serde_json::to_string(&Endpoint {
+            priority: None,
+            ..e
+        })
+        .expect("json");
+        assert!(!json.contains("priority"), "{json}");
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! on tokio: every input (packets seen, time, link events) is passed in by the driver.
 
 pub mod allowed_ips;
+pub mod candidates;
 pub mod control;
 pub mod key;
 pub mod offload;

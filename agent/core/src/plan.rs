@@ -52,7 +52,8 @@ pub fn plan(desired: &NetMap, observed: &DeviceInfo, opts: PlanOptions) -> SetRe
         match have.get(key) {
             None => {
                 let mut c = PeerChange::new(*key);
-                c.endpoint = entry.endpoints.first().map(|e| e.addr);
+                // The peer's preferred endpoint (its declared tier), not the lowest address.
+                c.endpoint = crate::candidates::candidates(entry).first().map(|e| e.addr);
                 c.persistent_keepalive = Some(opts.persistent_keepalive);
                 c.replace_allowed_ips = true;
                 c.allowed_ips = allowed;
@@ -73,7 +74,7 @@ pub fn plan(desired: &NetMap, observed: &DeviceInfo, opts: PlanOptions) -> SetRe
                     Some(a) => !known(a) && never_heard,
                 };
                 if endpoint_stale {
-                    if let Some(e) = entry.endpoints.first() {
+                    if let Some(e) = crate::candidates::candidates(entry).first() {
                         c.endpoint = Some(e.addr);
                         changed = true;
                     }
@@ -130,6 +131,7 @@ mod tests {
                     addr: a.parse().expect("addr"),
                     uplink: "sat".into(),
                     kind: UplinkKind::Satellite,
+                    priority: None,
                 })
                 .collect(),
             tags: vec![],
@@ -227,6 +229,22 @@ mod tests {
         assert!(req.peers.iter().all(|c| c.replace_allowed_ips
             && c.allowed_ips.len() == 2
             && c.persistent_keepalive == Some(25)));
+    }
+
+    #[test]
+    fn a_new_peer_gets_the_endpoint_it_prefers_not_the_lowest_address() {
+        let mut e = entry(1, &["198.18.1.1:51820", "198.19.1.1:51820"]);
+        e.endpoints[0].priority = Some(1); // its Starlink is its backup
+        e.endpoints[1].priority = Some(0);
+        let req = plan(
+            &netmap(vec![e]),
+            &DeviceInfo::default(),
+            PlanOptions::default(),
+        );
+        assert_eq!(
+            req.peers[0].endpoint,
+            Some("198.19.1.1:51820".parse().expect("addr"))
+        );
     }
 
     #[test]

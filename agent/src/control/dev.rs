@@ -13,6 +13,7 @@ use skymesh_agent_core::plan::{plan, PlanOptions};
 use skymesh_agent_core::uapi::{DeviceInfo, SetRequest};
 use skymesh_proto::NetMap;
 
+use super::failover::PathFeed;
 use crate::netlink::Rtnl;
 use crate::uapi_server::socket_path;
 use crate::{sys, uapi_client};
@@ -46,11 +47,25 @@ pub(crate) struct Applied {
     addresses: BTreeSet<IpNet>,
     routes: BTreeSet<IpNet>,
     mtu: u16,
+    /// The peers' failover candidates the device was given.
+    feed: PathFeed,
 }
 
 impl Applied {
-    /// Makes the device match `map`: peers (minimal UAPI set), link, addresses, routes.
+    pub(crate) fn new(feed: PathFeed) -> Applied {
+        Applied {
+            feed,
+            ..Applied::default()
+        }
+    }
+
+    /// Makes the device match `map`: failover candidates of changed peers (first, so a new
+    /// peer starts managed), peers (minimal UAPI set), link, addresses, routes.
     pub(crate) fn apply(&mut self, iface: &str, map: &NetMap) -> anyhow::Result<usize> {
+        let paths = self.feed.sync(iface, map);
+        if paths > 0 {
+            tracing::info!(peers = paths, "peer paths updated");
+        }
         let observed = get(iface)?;
         let req = plan(map, &observed, PlanOptions::default());
         let changed = req.peers.len();
@@ -116,4 +131,48 @@ pub(crate) fn set_identity(
         ..SetRequest::default()
     };
     uapi_client::set(iface, &req)
+}
+
+/// One request line on the device's status socket (`/var/run/skymesh/IFACE.status`, see
+/// `status.rs`), answered with one JSON document.
+fn status_request(iface: &str, line: &str) -> anyhow::Result<String> {
+    let path = crate::status::socket_path(iface);
+    let mut conn =
+        UnixStream::connect(&path).with_context(|| format!("connecting to {}", path.display()))?;
+    conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+    conn.write_all(line.as_bytes())?;
+    conn.write_all(b"\n")?;
+    let mut body = String::new();
+    conn.read_to_string(&mut body)
+        .with_context(|| format!("reading {}", path.display()))?;
+    Ok(body)
+}
+
+/// The device's failover status (uplinks, per-peer paths).
+pub(crate) fn failover_status(iface: &str) -> anyhow::Result<crate::paths::StatusReport> {
+    let body = status_request(iface, "\"status\"")?;
+    serde_json::from_str(&body).with_context(|| format!("unexpected status answer: {body}"))
+}
+
+/// Gives the device a peer's candidate endpoints with the peer's tiers (`SetPeerPaths`); an
+/// empty list returns the peer to standard roaming.
+pub(crate) fn set_peer_paths(
+    iface: &str,
+    key: &skymesh_proto::WgPublicKey,
+    endpoints: &[skymesh_agent_core::path::RemoteEndpoint],
+) -> anyhow::Result<()> {
+    let eps: Vec<_> = endpoints
+        .iter()
+        .map(|e| serde_json::json!({ "addr": e.addr, "priority": e.priority }))
+        .collect();
+    let req = serde_json::json!({
+        "set_peer_paths": { "public_key": key.to_string(), "endpoints": eps }
+    });
+    let body = status_request(iface, &req.to_string())?;
+    let v: serde_json::Value =
+        serde_json::from_str(&body).with_context(|| format!("unexpected answer: {body}"))?;
+    match v.get("errno").and_then(serde_json::Value::as_i64) {
+        Some(0) => Ok(()),
+        _ => bail!("device refused set_peer_paths for {key}: {body}"),
+    }
 }

@@ -14,6 +14,7 @@
 pub(crate) mod client;
 pub(crate) mod config;
 mod dev;
+pub(crate) mod failover;
 pub(crate) mod state;
 
 use std::path::{Path, PathBuf};
@@ -25,18 +26,27 @@ use anyhow::{bail, Context as _};
 use rand_core::{OsRng, RngCore as _};
 use skymesh_agent_core::control::{backoff, Accepted, AgentState, NetmapGuard, STATE_VERSION};
 use skymesh_agent_core::key::Key;
+use skymesh_agent_core::path::PathConfig;
 use skymesh_proto::{
-    ControllerPublicKey, Endpoint, EndpointsReport, NetMap, PeerStatus, RegisterRequest,
-    RotateKeyRequest, StatusReport, StreamEvent, WgPublicKey,
+    ControllerPublicKey, Endpoint, EndpointsReport, NetMap, RegisterRequest, RotateKeyRequest,
+    StreamEvent, WgPublicKey,
 };
 
 use self::client::{is_credential_refused, Client, ControllerOptions};
+use self::failover::{ControlStatus, Liveness, PathFeed};
 use self::state::{Cache, StateDir, MAX_CACHED_DELTAS};
 
 /// How often the agent reports status (and re-reports endpoints) to the controller.
 const REPORT_INTERVAL: Duration = Duration::from_secs(30);
 /// Retry interval while the reports have not got through yet.
 const FIRST_REPORT_RETRY: Duration = Duration::from_secs(2);
+/// How often the reporter looks at the device's paths (a path switch is reported at once)
+/// and rewrites the control-status file `skymesh-agent status` reads.
+const PATH_POLL: Duration = Duration::from_secs(1);
+/// How often the uplinks' addresses are re-read (a change is re-reported to the controller).
+const ADDRESS_POLL: Duration = Duration::from_secs(5);
+/// The uplinks file `run` writes for its device (`device --uplinks`), in the state dir.
+const UPLINKS_FILE: &str = "uplinks.yaml";
 
 /// Everything `join` needs.
 #[derive(Debug, Clone)]
@@ -61,6 +71,8 @@ pub(crate) struct RunSettings {
     pub(crate) allow_http: bool,
     /// Rotate the WireGuard key this often while running (`None`: only on demand).
     pub(crate) rotate_every: Option<Duration>,
+    /// Uplinks and failover tuning (validated); `None`: one socket, standard roaming.
+    pub(crate) uplinks: Option<PathConfig>,
 }
 
 fn public_key(private: &Key) -> WgPublicKey {
@@ -96,7 +108,7 @@ pub(crate) fn join(s: &JoinSettings) -> anyhow::Result<()> {
         enrollment_key: s.enroll_key.clone(),
         public_key: public_key(&key),
         name: s.name.clone(),
-        endpoints: s.run.endpoints.clone(),
+        endpoints: failover::local_endpoints(&s.run),
         routes: s.run.routes.clone(),
     })?;
     match &s.controller_key {
@@ -147,9 +159,30 @@ pub(crate) fn run(state_dir: &Path, settings: &RunSettings) -> anyhow::Result<()
     let mut cache = dir.load_cache()?;
     let restored = cache.restore(&mut guard);
 
-    let device = Device::start(&st.iface, &dir.path().join("device.log"))?;
+    let uplinks_file = match &settings.uplinks {
+        Some(p) => {
+            let yaml = serde_yaml::to_string(p).context("serialising the uplinks")?;
+            dir.write(UPLINKS_FILE, yaml.as_bytes())?;
+            Some(dir.path().join(UPLINKS_FILE))
+        }
+        None => {
+            let _ = std::fs::remove_file(dir.path().join(UPLINKS_FILE));
+            None
+        }
+    };
+    let device = Device::start(
+        &st.iface,
+        &dir.path().join("device.log"),
+        uplinks_file.as_deref(),
+    )?;
     dev::set_identity(&st.iface, key, Some(settings.listen_port))?;
-    let mut applied = dev::Applied::default();
+    let mut applied = dev::Applied::new(PathFeed::new(settings.uplinks.is_some()));
+    let live = Liveness::new(
+        std::fs::metadata(dir.path().join(state::CACHE_FILE))
+            .and_then(|m| m.modified())
+            .ok()
+            .filter(|_| guard.held().is_some()),
+    );
     if let Some(map) = guard.held() {
         let n = applied.apply(&st.iface, map)?;
         tracing::info!(
@@ -162,7 +195,10 @@ pub(crate) fn run(state_dir: &Path, settings: &RunSettings) -> anyhow::Result<()
     }
 
     let stop = Arc::new(AtomicBool::new(false));
-    let shared = Arc::new(Mutex::new(guard.held().cloned()));
+    let shared = Arc::new(Shared {
+        map: Mutex::new(guard.held().cloned()),
+        live,
+    });
     let reporter = {
         let (client, st, stop, shared) = (client.clone(), st.clone(), stop.clone(), shared.clone());
         let settings = settings.clone();
@@ -190,6 +226,7 @@ pub(crate) fn run(state_dir: &Path, settings: &RunSettings) -> anyhow::Result<()
     stop.store(true, Ordering::Relaxed);
     drop(reporter); // detached: it sleeps in short steps and exits on `stop`
     drop(device);
+    let _ = std::fs::remove_file(failover::control_status_path(&st.iface));
     result
 }
 
@@ -202,12 +239,14 @@ struct Device {
 }
 
 impl Device {
-    fn start(iface: &str, log: &Path) -> anyhow::Result<Self> {
+    fn start(iface: &str, log: &Path, uplinks: Option<&Path>) -> anyhow::Result<Self> {
         if std::os::unix::net::UnixStream::connect(crate::uapi_server::socket_path(iface)).is_ok() {
-            tracing::info!(%iface, "adopting the running device");
+            // Its uplinks are the ones it was started with; a changed uplinks config needs a
+            // device restart (which drops sessions), so it is not done behind the operator.
+            tracing::info!(%iface, "adopting the running device (keeping its uplinks)");
             return Ok(Device { started: None });
         }
-        let pid = crate::updown::spawn_detached_device(iface, Some(log))
+        let pid = crate::updown::spawn_detached_device_with(iface, Some(log), uplinks)
             .with_context(|| format!("starting the device {iface}"))?;
         Ok(Device { started: Some(pid) })
     }
@@ -221,6 +260,13 @@ impl Drop for Device {
     }
 }
 
+/// What the stream loop shares with the reporter.
+struct Shared {
+    /// The netmap applied last.
+    map: Mutex<Option<NetMap>>,
+    live: Liveness,
+}
+
 fn stream_loop(
     client: &Client,
     dir: &StateDir,
@@ -228,14 +274,16 @@ fn stream_loop(
     guard: &mut NetmapGuard,
     cache: &mut Cache,
     applied: &mut dev::Applied,
-    shared: &Mutex<Option<NetMap>>,
+    shared: &Shared,
 ) -> anyhow::Result<()> {
+    let live = &shared.live;
     let mut failures = 0u32;
     let mut last_contact = Instant::now();
     loop {
         match client.stream(&st.credential, guard.serial()) {
             Ok(mut events) => {
                 tracing::info!(since = ?guard.serial(), "netmap stream connected");
+                live.set_connected(true);
                 failures = 0;
                 loop {
                     let event = match events.next_event() {
@@ -253,7 +301,7 @@ fn stream_loop(
                         Ok(Accepted::Apply(map)) => {
                             record(dir, cache, &event, client, st, guard);
                             apply_logged(applied, &st.iface, &map);
-                            if let Ok(mut m) = shared.lock() {
+                            if let Ok(mut m) = shared.map.lock() {
                                 *m = Some(map);
                             }
                         }
@@ -267,6 +315,7 @@ fn stream_loop(
                 }
                 // The connection was alive until now; staleness counts from here.
                 last_contact = Instant::now();
+                live.set_connected(false);
             }
             Err(e) if is_credential_refused(&e) => {
                 return Err(e).context("the controller cut this node off; leaving the mesh");
@@ -337,16 +386,65 @@ fn report_loop(
     st: &AgentState,
     settings: &RunSettings,
     stop: &AtomicBool,
-    shared: &Mutex<Option<NetMap>>,
+    shared: &Shared,
 ) {
+    let live = &shared.live;
     let mut next = Instant::now();
+    let mut next_poll = Instant::now();
+    let mut next_addresses = Instant::now();
+    let mut endpoints = failover::local_endpoints(settings);
     let mut endpoints_sent = false;
+    let mut reported_paths = None;
+    let mut status_file_ok = true;
     while !stop.load(Ordering::Relaxed) {
-        if Instant::now() >= next {
+        let now = Instant::now();
+        let mut fo = None;
+        if now >= next_poll {
+            next_poll = now + PATH_POLL;
+            let status = ControlStatus::new(
+                st.node_id.0,
+                &st.controller_url,
+                live,
+                shared
+                    .map
+                    .lock()
+                    .ok()
+                    .and_then(|m| m.as_ref().map(|m| m.serial)),
+            );
+            match status.write(&st.iface) {
+                Ok(()) => status_file_ok = true,
+                Err(e) if status_file_ok => {
+                    status_file_ok = false;
+                    tracing::warn!(error = %e, "writing the control status file failed");
+                }
+                Err(_) => {}
+            }
+            if settings.uplinks.is_some() {
+                fo = dev::failover_status(&st.iface)
+                    .map_err(|e| tracing::debug!(error = %format!("{e:#}"), "device status"))
+                    .ok();
+                // A path switch (or the first look) is reported at once.
+                let active = fo.as_ref().map(failover::active_paths);
+                if active.is_some() && active != reported_paths {
+                    next = now;
+                }
+            }
+        }
+        if settings.endpoints.is_empty() && settings.uplinks.is_some() && now >= next_addresses {
+            next_addresses = now + ADDRESS_POLL;
+            let fresh = failover::local_endpoints(settings);
+            if fresh != endpoints {
+                tracing::info!(endpoints = ?fresh, "uplink addresses changed; re-reporting");
+                endpoints = fresh;
+                endpoints_sent = false;
+                next = now;
+            }
+        }
+        if now >= next {
             let mut status_sent = false;
             if !endpoints_sent {
                 let report = EndpointsReport {
-                    endpoints: settings.endpoints.clone(),
+                    endpoints: endpoints.clone(),
                     routes: Some(settings.routes.clone()),
                 };
                 match client.report_endpoints(&st.credential, &report) {
@@ -354,11 +452,23 @@ fn report_loop(
                     Err(e) => tracing::debug!(error = %format!("{e:#}"), "endpoint report failed"),
                 }
             }
-            let held = shared.lock().ok().and_then(|m| m.clone());
+            let held = shared.map.lock().ok().and_then(|m| m.clone());
             if let (Ok(info), Some(map)) = (dev::get(&st.iface), held) {
-                let report = status_report(&info, &map);
+                if fo.is_none() && settings.uplinks.is_some() {
+                    fo = dev::failover_status(&st.iface).ok();
+                }
+                let report = failover::status_report(
+                    &info,
+                    &map,
+                    fo.as_ref(),
+                    settings.uplinks.as_ref(),
+                    live.netmap_age_secs(),
+                );
                 match client.report_status(&st.credential, &report) {
-                    Ok(()) => status_sent = true,
+                    Ok(()) => {
+                        status_sent = true;
+                        reported_paths = fo.as_ref().map(failover::active_paths);
+                    }
                     Err(e) => tracing::debug!(error = %format!("{e:#}"), "status report failed"),
                 }
             }
@@ -371,38 +481,6 @@ fn report_loop(
                 };
         }
         std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-/// The device's view of the netmap's peers (matched by public key) as a status report.
-fn status_report(info: &skymesh_agent_core::uapi::DeviceInfo, map: &NetMap) -> StatusReport {
-    StatusReport {
-        serial: map.serial,
-        peers: map
-            .peers
-            .iter()
-            .filter_map(|entry| {
-                let p = info
-                    .peers
-                    .iter()
-                    .find(|p| p.public_key.0 == *entry.public_key.as_bytes())?;
-                let uplink = p.endpoint.and_then(|a| {
-                    entry
-                        .endpoints
-                        .iter()
-                        .find(|e| e.addr == a)
-                        .map(|e| e.uplink.clone())
-                });
-                Some(PeerStatus {
-                    node_id: entry.node_id,
-                    last_handshake: (p.last_handshake.0 != 0).then_some(p.last_handshake.0),
-                    rx_bytes: p.rx_bytes,
-                    tx_bytes: p.tx_bytes,
-                    uplink,
-                    endpoint: p.endpoint,
-                })
-            })
-            .collect(),
     }
 }
 

@@ -171,6 +171,9 @@ pub struct NodeDetail {
     pub seen: Option<NodeSeen>,
     /// Seconds since the node was last heard from (staleness), if ever.
     pub last_seen_secs_ago: Option<u64>,
+    /// Seconds since its last status report (`seen.status`: per peer the uplink in use and
+    /// its kind, path RTT/loss, switches; its uplinks; its netmap's age at report time).
+    pub reported_secs_ago: Option<u64>,
 }
 
 /// One node, with its last status report and staleness.
@@ -191,6 +194,10 @@ pub(super) async fn node(
     let now = state.clock.now();
     Ok(Json(NodeDetail {
         last_seen_secs_ago: seen.as_ref().map(|s| now.saturating_sub(s.last_seen)),
+        reported_secs_ago: seen
+            .as_ref()
+            .and_then(|s| s.reported_at)
+            .map(|r| now.saturating_sub(r)),
         node,
         seen,
     }))

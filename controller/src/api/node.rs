@@ -217,7 +217,11 @@ pub(super) async fn report_endpoints(
 
 /// Report this node's view of its peers (last handshake, bytes, uplink in use).
 ///
-/// Replaces the previous report; `GET /api/v1/nodes/{id}` shows it with `last_seen`.
+/// Replaces the previous report; `GET /api/v1/nodes/{id}` shows it with `last_seen`, and
+/// `/metrics` exports it (`skymesh_node_path_uplink`, switch counts, path RTT/loss, netmap
+/// age). Agents with failover add per peer the local uplink and its kind, every path's
+/// health, RTT and loss, the switch count and last switch reason, their uplinks, and how
+/// stale their netmap is (`netmap_age_secs`). Agents report at once when a path switches.
 #[utoipa::path(post, path = "/api/v1/node/status", tag = "node",
     security(("node_credential" = [])),
     request_body = StatusReport,
@@ -238,21 +242,57 @@ pub(super) async fn report_status(
             "at most {MAX_STATUS_PEERS} `peers`"
         )));
     }
-    if let Some(p) = report
-        .peers
-        .iter()
-        .find(|p| p.uplink.as_ref().is_some_and(|u| u.len() > 32))
-    {
-        return Err(ApiError::unprocessable(format!(
-            "`peers[].uplink` of node {} must be at most 32 characters",
-            p.node_id
-        )));
-    }
+    validate_status(&report)?;
     state
         .store
         .report_status(node.id, &report, seen_from, state.clock.now())
         .await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// An uplink name or switch reason as the agent reports it: 1-32 characters, no control
+/// characters (they end up in Prometheus labels).
+fn short_label(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 32 && !s.chars().any(char::is_control)
+}
+
+fn validate_status(report: &StatusReport) -> Result<(), ApiError> {
+    if report.uplinks.len() > MAX_ENDPOINTS {
+        return Err(ApiError::unprocessable(format!(
+            "at most {MAX_ENDPOINTS} `uplinks`"
+        )));
+    }
+    if report.uplinks.iter().any(|u| !short_label(&u.name)) {
+        return Err(ApiError::unprocessable(
+            "`uplinks[].name` must be 1-32 characters",
+        ));
+    }
+    for p in &report.peers {
+        let node = p.node_id;
+        let labels = p
+            .uplink
+            .iter()
+            .chain(&p.last_switch_reason)
+            .chain(p.paths.iter().map(|x| &x.uplink));
+        if labels.clone().any(|l| !short_label(l)) {
+            return Err(ApiError::unprocessable(format!(
+                "`peers[].uplink`, `peers[].last_switch_reason` and `peers[].paths[].uplink` \
+                 of node {node} must be 1-32 characters"
+            )));
+        }
+        // Every local uplink × every endpoint of the peer (reflexive included).
+        if p.paths.len() > MAX_ENDPOINTS * (MAX_ENDPOINTS + 1) {
+            return Err(ApiError::unprocessable(format!(
+                "too many `peers[].paths` for node {node}"
+            )));
+        }
+        if p.paths.iter().any(|x| x.loss_permille > 1000) {
+            return Err(ApiError::unprocessable(format!(
+                "`peers[].paths[].loss_permille` of node {node} must be at most 1000"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Replace this node's WireGuard public key (key rotation).
@@ -280,4 +320,68 @@ pub(super) async fn rotate_key(
         .await?;
     tracing::info!(node = %node.id, public_key = %req.public_key, "node rotated its key");
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use skymesh_proto::{NodeId, PathHealth, PathReport, PeerStatus, UplinkKind, UplinkReport};
+
+    fn report() -> StatusReport {
+        StatusReport {
+            serial: 1,
+            peers: vec![PeerStatus {
+                node_id: NodeId(2),
+                last_handshake: None,
+                rx_bytes: 0,
+                tx_bytes: 0,
+                uplink: Some("fibre".into()),
+                endpoint: None,
+                uplink_kind: Some(UplinkKind::Terrestrial),
+                switch_count: 1,
+                last_switch_reason: Some("link_down".into()),
+                last_switch_secs_ago: Some(3),
+                paths: vec![PathReport {
+                    uplink: "fibre".into(),
+                    kind: UplinkKind::Terrestrial,
+                    remote: "198.19.1.2:51820".parse().expect("addr"),
+                    health: PathHealth::Healthy,
+                    active: true,
+                    rtt_us: Some(900),
+                    loss_permille: 0,
+                }],
+            }],
+            netmap_age_secs: Some(0),
+            uplinks: vec![UplinkReport {
+                name: "fibre".into(),
+                kind: UplinkKind::Terrestrial,
+                priority: 1,
+                up: true,
+            }],
+        }
+    }
+
+    #[test]
+    fn failover_status_fields_are_checked_and_named() {
+        assert!(validate_status(&report()).is_ok());
+        let mut r = report();
+        r.peers[0].paths[0].uplink = "x".repeat(33);
+        let e = validate_status(&r).expect_err("long uplink");
+        assert!(format!("{e:?}").contains("paths[].uplink"), "{e:?}");
+        let mut r = report();
+        r.peers[0].last_switch_reason = Some("bad\nreason".into());
+        assert!(validate_status(&r).is_err());
+        let mut r = report();
+        r.peers[0].paths[0].loss_permille = 1001;
+        let e = validate_status(&r).expect_err("loss");
+        assert!(format!("{e:?}").contains("loss_permille"), "{e:?}");
+        let mut r = report();
+        r.uplinks[0].name = String::new();
+        let e = validate_status(&r).expect_err("empty uplink name");
+        assert!(format!("{e:?}").contains("uplinks[].name"), "{e:?}");
+        let mut r = report();
+        let path = r.peers[0].paths[0].clone();
+        r.peers[0].paths = vec![path; MAX_ENDPOINTS * (MAX_ENDPOINTS + 1) + 1];
+        assert!(validate_status(&r).is_err());
+    }
 }

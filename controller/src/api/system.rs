@@ -32,16 +32,33 @@ pub(super) async fn healthz(State(state): State<AppState>) -> Result<Json<Health
 }
 
 /// Prometheus metrics (text exposition format).
+///
+/// Besides the controller's own counters, per node (from its last report):
+/// `skymesh_node_last_seen_age_seconds`, `skymesh_node_netmap_age_seconds`,
+/// `skymesh_node_netmap_serial`, `skymesh_node_uplink_up{uplink,kind}`,
+/// `skymesh_node_path_uplink{peer,uplink,kind} 1` (the local uplink carrying traffic to each
+/// peer), `skymesh_node_path_switches_total{peer}`, `skymesh_node_path_rtt_seconds` and
+/// `skymesh_node_path_loss_ratio{peer,uplink,remote}`.
 #[utoipa::path(get, path = "/metrics", tag = "system",
     responses((status = 200, content_type = "text/plain; version=0.0.4", body = String)))]
 pub(super) async fn metrics(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
     let stats = state.store.stats().await?;
+    let mut nodes = Vec::new();
+    for node in state.store.nodes().await? {
+        if node.state == skymesh_proto::NodeState::Revoked {
+            continue;
+        }
+        let seen = state.store.node_seen(node.id).await?;
+        nodes.push((node, seen));
+    }
+    let mut body = state.metrics.render(&stats);
+    body.push_str(&crate::metrics::render_nodes(&nodes, state.clock.now()));
     Ok((
         [(
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        state.metrics.render(&stats),
+        body,
     ))
 }
 

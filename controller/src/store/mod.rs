@@ -1,10 +1,11 @@
 //! Persistence. Domain types here are backend-neutral; all SQL lives in one file per backend.
 //!
-//! [`Store`] is an enum over backends so PostgreSQL can be added as a second variant without
-//! touching callers. Every mutation runs in one write transaction that also bumps the topology
+//! [`Store`] is an enum over backends: embedded SQLite (one controller) and PostgreSQL (one or
+//! several replicas sharing the database, see [`postgres`]). Every mutation runs in one write transaction that also bumps the topology
 //! `serial` (when netmaps can change) and appends to the audit chain, so a crash leaves either
 //! all of a change or none of it.
 
+pub mod postgres;
 mod sqlite;
 
 use std::collections::BTreeMap;
@@ -15,6 +16,7 @@ use ipnet::IpNet;
 use serde::Serialize;
 use skymesh_proto::{Endpoint, NodeId, NodeState, RegisterRequest, StatusReport, WgPublicKey};
 
+pub use postgres::{ChangeFeed, PgStore};
 pub(crate) use sqlite::merge_endpoints;
 pub use sqlite::{SqliteStore, DB_FILE};
 
@@ -48,6 +50,15 @@ pub enum StoreError {
     Corrupt(String),
     #[error("{0}")]
     Config(String),
+}
+
+/// The refusal when the database was initialised with another controller signing key.
+fn key_mismatch(have: &str, want: &str) -> String {
+    format!(
+        "the database was initialised by a controller whose signing public key is {have}, but \
+         this controller's key is {want}; every replica must use the same signing key (copy \
+         controller-signing.key from the first replica's data dir, or pass --signing-key)"
+    )
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
@@ -191,12 +202,14 @@ pub struct StoreOptions {
 #[derive(Debug, Clone)]
 pub enum Store {
     Sqlite(SqliteStore),
+    Postgres(PgStore),
 }
 
 macro_rules! delegate {
     ($self:ident, $s:ident => $e:expr) => {
         match $self {
             Store::Sqlite($s) => $e,
+            Store::Postgres($s) => $e,
         }
     };
 }
@@ -205,6 +218,33 @@ impl Store {
     /// Opens (creating and migrating if needed) the SQLite database in `data_dir`.
     pub async fn open_sqlite(data_dir: &Path, opts: &StoreOptions) -> Result<Self, StoreError> {
         Ok(Store::Sqlite(SqliteStore::open(data_dir, opts).await?))
+    }
+
+    /// Connects to PostgreSQL at `url` (migrating if needed); replicas share this database.
+    pub async fn open_postgres(
+        url: &str,
+        max_connections: u32,
+        opts: &StoreOptions,
+    ) -> Result<Self, StoreError> {
+        Ok(Store::Postgres(
+            PgStore::open(url, max_connections, opts).await?,
+        ))
+    }
+
+    /// Records the controller's signing public key (base64) at first start and refuses a
+    /// different one afterwards: every replica must sign with the same key.
+    pub async fn pin_controller_key(&self, key: &str) -> Result<(), StoreError> {
+        delegate!(self, s => s.pin_controller_key(key).await)
+    }
+
+    /// A feed of serial bumps committed by *other* processes sharing the database (replicas),
+    /// or `None` when the backend has only one writer process (SQLite: the local publish after
+    /// each request is enough).
+    pub async fn change_feed(&self) -> Result<Option<ChangeFeed>, StoreError> {
+        match self {
+            Store::Sqlite(_) => Ok(None),
+            Store::Postgres(s) => s.change_feed().await.map(Some),
+        }
     }
 
     pub fn pools(&self) -> Pools {

@@ -1,6 +1,12 @@
 //! Shared helpers for the controller's integration tests: a controller on a real SQLite
 //! database in a temp dir, driven through `app(state).oneshot(..)`.
+//!
+//! Backends: [`TestController::new`] uses SQLite, or PostgreSQL (a fresh database in a
+//! throw-away cluster, see [`pg`]) when `SKYMESH_TEST_DATABASE=postgres`, so any test file can
+//! be run against both; [`TestController::postgres`] always uses PostgreSQL.
 #![allow(dead_code, unreachable_pub)]
+
+pub mod pg;
 
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -10,7 +16,7 @@ use axum::http::{header, Method, Request, StatusCode};
 use axum::Router;
 use http_body_util::BodyExt as _;
 use serde_json::{json, Value};
-use skymesh_controller::config::Config;
+use skymesh_controller::config::{Config, DatabaseConfig};
 use skymesh_controller::store::{Actor, Scope};
 use skymesh_controller::{app, open, AppState, Clock};
 use tower::ServiceExt as _;
@@ -65,12 +71,29 @@ impl TestController {
         Self::with_config(|_| {}).await
     }
 
+    /// A controller on PostgreSQL whatever `SKYMESH_TEST_DATABASE` says.
+    pub async fn postgres() -> Self {
+        Self::on(true, |_| {}).await
+    }
+
     pub async fn with_config(edit: impl FnOnce(&mut Config)) -> Self {
+        let postgres = match std::env::var("SKYMESH_TEST_DATABASE").as_deref() {
+            Ok("postgres") => true,
+            Ok("sqlite") | Err(_) => false,
+            Ok(other) => panic!("SKYMESH_TEST_DATABASE={other}: use sqlite or postgres"),
+        };
+        Self::on(postgres, edit).await
+    }
+
+    async fn on(postgres: bool, edit: impl FnOnce(&mut Config)) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut config = Config {
             data_dir: dir.path().join("data"),
             ..Config::default()
         };
+        if postgres {
+            config.database = Some(DatabaseConfig::new(pg::fresh_database().await));
+        }
         edit(&mut config);
         let clock = Arc::new(AtomicU64::new(T0));
         let state = open(&config, Clock::Manual(clock.clone()))
@@ -88,6 +111,36 @@ impl TestController {
             clock,
             admin,
         }
+    }
+
+    /// A second controller process (replica) on the same PostgreSQL database: its own data
+    /// directory, the same signing key file (via `signing_key`), the same clock and admin token.
+    pub async fn replica(&self) -> Self {
+        assert!(self.config.database.is_some(), "replicas need PostgreSQL");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = Config {
+            data_dir: dir.path().join("data"),
+            signing_key: Some(self.signing_key_path()),
+            ..self.config.clone()
+        };
+        let state = open(&config, Clock::Manual(self.clock.clone()))
+            .await
+            .expect("open replica");
+        Self {
+            dir,
+            config,
+            state,
+            clock: self.clock.clone(),
+            admin: self.admin.clone(),
+        }
+    }
+
+    pub fn signing_key_path(&self) -> std::path::PathBuf {
+        self.config.signing_key.clone().unwrap_or_else(|| {
+            self.config
+                .data_dir
+                .join(skymesh_controller::signing::KEY_FILE)
+        })
     }
 
     /// Closes and reopens the controller on the same data directory (a restart).

@@ -7,14 +7,14 @@ use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Upper bound on uplinks per node: keeps per-peer path tables small and scans cheap.
 pub const MAX_UPLINKS: usize = 16;
 
 /// What kind of carrier an uplink is. Informational for status and metrics; the ranking
 /// itself uses [`UplinkConfig::priority`], which the operator sets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum UplinkKind {
     /// LEO/GEO satellite (Starlink, OneWeb, VSAT).
@@ -37,7 +37,7 @@ impl UplinkKind {
 }
 
 /// One local uplink as declared in the agent config.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UplinkConfig {
     /// Operator name, unique per node (`starlink`, `fibre`, `lte`).
@@ -61,7 +61,7 @@ pub struct UplinkConfig {
 }
 
 /// Probe cadence for paths leaving through one uplink.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProbeSettings {
     /// Interval between probes while a path is suspect (the active path has heard nothing while
@@ -85,7 +85,7 @@ impl Default for ProbeSettings {
 }
 
 /// Failover tuning, shared by every peer of the node.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FailoverSettings {
     /// A path is in distress when nothing authenticated arrived on it for this long while we
@@ -120,7 +120,7 @@ impl Default for FailoverSettings {
 }
 
 /// Everything the path selector needs from the operator: uplinks and tuning.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PathConfig {
     /// Local uplinks, in any order.

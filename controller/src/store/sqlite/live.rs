@@ -29,6 +29,8 @@ pub(crate) fn merge_endpoints(local: &[Endpoint], seen_from: Option<IpAddr>) -> 
                 addr: SocketAddr::new(ip, first.addr.port()),
                 uplink: REFLEXIVE_UPLINK.to_string(),
                 kind: first.kind,
+                // Which uplink the controller's connection used is unknown: no tier claimed.
+                priority: None,
             };
             out.push(reflexive);
         }
@@ -208,6 +210,7 @@ mod tests {
             addr: addr.parse().expect("addr"),
             uplink: uplink.into(),
             kind: UplinkKind::Satellite,
+            priority: None,
         }
     }
 

@@ -184,6 +184,29 @@ impl SqliteStore {
         Ok(())
     }
 
+    /// Records the controller's signing public key at first start; refuses a different one.
+    pub async fn pin_controller_key(&self, key: &str) -> Result<(), StoreError> {
+        let mut tx = self.write.begin_with("BEGIN IMMEDIATE").await?;
+        let have: Option<String> =
+            sqlx::query_scalar("SELECT value FROM settings WHERE name = 'controller_public_key'")
+                .fetch_optional(&mut *tx)
+                .await?;
+        match have {
+            None => {
+                sqlx::query(
+                    "INSERT INTO settings (name, value) VALUES ('controller_public_key', ?)",
+                )
+                .bind(key)
+                .execute(&mut *tx)
+                .await?;
+            }
+            Some(have) if have == key => {}
+            Some(have) => return Err(StoreError::Config(super::key_mismatch(&have, key))),
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
     pub fn pools(&self) -> Pools {
         self.pools
     }

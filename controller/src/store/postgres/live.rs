@@ -1,0 +1,186 @@
+//! What nodes tell the controller after joining, on PostgreSQL (see `../sqlite/live.rs` for
+//! the model). These writes append nothing to the audit log, so they do not take the global
+//! write lock: they lock the node's row (`FOR UPDATE` when rewriting it, `FOR KEY SHARE` when
+//! only touching `node_status`, which still keeps a concurrent delete from orphaning a row).
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use skymesh_proto::{Endpoint, NodeId, NodeState, StatusReport, WgPublicKey, REFLEXIVE_UPLINK};
+use sqlx::Row as _;
+
+use super::rows::{corrupt, opt_u64, to_i64, to_json, to_u64};
+use super::{append_audit, bump_serial, PgStore};
+use crate::store::{merge_endpoints, Actor, NodeRecord, NodeSeen, StoreError};
+
+type Tx = sqlx::Transaction<'static, sqlx::Postgres>;
+
+impl PgStore {
+    async fn touch_in(
+        tx: &mut Tx,
+        id: NodeId,
+        seen_from: Option<IpAddr>,
+        now: u64,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO node_status (node_id, last_seen, seen_from) VALUES ($1, $2, $3) \
+             ON CONFLICT (node_id) DO UPDATE SET last_seen = excluded.last_seen, \
+             seen_from = COALESCE(excluded.seen_from, node_status.seen_from)",
+        )
+        .bind(to_i64(id.0))
+        .bind(to_i64(now))
+        .bind(seen_from.map(|ip| ip.to_string()))
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+
+    /// Records that the node was heard from `seen_from`; replaces its local endpoints and/or
+    /// advertised routes when given. Returns whether the serial was bumped.
+    pub async fn report_endpoints(
+        &self,
+        id: NodeId,
+        local: Option<&[Endpoint]>,
+        routes: Option<&[IpNet]>,
+        seen_from: Option<IpAddr>,
+        now: u64,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let mut node = Self::node_in(&mut tx, id).await?;
+        Self::touch_in(&mut tx, id, seen_from, now).await?;
+        let local = local.map_or_else(|| node.endpoints.clone(), <[Endpoint]>::to_vec);
+        let seen = seen_from.or_else(|| {
+            node.endpoints
+                .iter()
+                .find(|e| e.uplink == REFLEXIVE_UPLINK)
+                .map(|e| e.addr.ip())
+        });
+        let endpoints = merge_endpoints(&local, seen);
+        let mut changed = endpoints != node.endpoints;
+        node.endpoints = endpoints;
+        if let Some(routes) = routes {
+            let mut routes = routes.to_vec();
+            routes.sort();
+            routes.dedup();
+            if routes != node.advertised_routes {
+                // Approval covers a prefix only while it is still advertised.
+                node.approved_routes.retain(|r| routes.contains(r));
+                node.advertised_routes = routes;
+                changed = true;
+            }
+        }
+        if changed {
+            sqlx::query(
+                "UPDATE nodes SET endpoints = $1, advertised_routes = $2, approved_routes = $3 \
+                 WHERE id = $4",
+            )
+            .bind(to_json(&node.endpoints)?)
+            .bind(to_json(&node.advertised_routes)?)
+            .bind(to_json(&node.approved_routes)?)
+            .bind(to_i64(id.0))
+            .execute(&mut *tx)
+            .await?;
+            bump_serial(&mut tx).await?;
+        }
+        tx.commit().await?;
+        Ok(changed)
+    }
+
+    /// Stores the node's latest status report (replacing the previous one).
+    pub async fn report_status(
+        &self,
+        id: NodeId,
+        report: &StatusReport,
+        seen_from: Option<IpAddr>,
+        now: u64,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let exists: Option<i64> =
+            sqlx::query_scalar("SELECT id FROM nodes WHERE id = $1 FOR KEY SHARE")
+                .bind(to_i64(id.0))
+                .fetch_optional(&mut *tx)
+                .await?;
+        if exists.is_none() {
+            return Err(StoreError::NotFound("node"));
+        }
+        Self::touch_in(&mut tx, id, seen_from, now).await?;
+        sqlx::query("UPDATE node_status SET reported_at = $1, report = $2 WHERE node_id = $3")
+            .bind(to_i64(now))
+            .bind(to_json(report)?)
+            .bind(to_i64(id.0))
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn node_seen(&self, id: NodeId) -> Result<Option<NodeSeen>, StoreError> {
+        let row = sqlx::query(
+            "SELECT last_seen, seen_from, reported_at, report FROM node_status \
+             WHERE node_id = $1",
+        )
+        .bind(to_i64(id.0))
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let seen_from: Option<String> = row.try_get("seen_from")?;
+        let report: Option<String> = row.try_get("report")?;
+        Ok(Some(NodeSeen {
+            last_seen: to_u64(row.try_get("last_seen")?)?,
+            seen_from: seen_from
+                .map(|s| {
+                    s.parse()
+                        .map_err(|e| corrupt(format!("seen_from {s:?}: {e}")))
+                })
+                .transpose()?,
+            reported_at: opt_u64(row.try_get("reported_at")?)?,
+            status: report
+                .map(|s| serde_json::from_str(&s).map_err(|e| corrupt(format!("report: {e}"))))
+                .transpose()?,
+        }))
+    }
+
+    /// Replaces the node's WireGuard public key (the node rotated it), bumping the serial.
+    /// Audited, so it takes the global write lock.
+    pub async fn rotate_key(
+        &self,
+        id: NodeId,
+        key: &WgPublicKey,
+        now: u64,
+    ) -> Result<NodeRecord, StoreError> {
+        let mut tx = self.begin_write().await?;
+        let mut node = Self::node_in(&mut tx, id).await?;
+        if node.state == NodeState::Revoked {
+            return Err(StoreError::NodeRevoked);
+        }
+        if node.public_key == *key {
+            return Ok(node);
+        }
+        let taken: Option<i64> = sqlx::query_scalar("SELECT id FROM nodes WHERE public_key = $1")
+            .bind(key.to_string())
+            .fetch_optional(&mut *tx)
+            .await?;
+        if taken.is_some() {
+            return Err(StoreError::DuplicatePublicKey);
+        }
+        let old = node.public_key;
+        sqlx::query("UPDATE nodes SET public_key = $1 WHERE id = $2")
+            .bind(key.to_string())
+            .bind(to_i64(id.0))
+            .execute(&mut *tx)
+            .await?;
+        node.public_key = *key;
+        bump_serial(&mut tx).await?;
+        append_audit(
+            &mut tx,
+            now,
+            &Actor(format!("node:{id}")),
+            "node.rotate_key",
+            Some(&format!("node:{id}")),
+            serde_json::json!({ "old_public_key": old.to_string(), "public_key": key.to_string() }),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(node)
+    }
+}

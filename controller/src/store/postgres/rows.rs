@@ -1,0 +1,99 @@
+//! Conversions between PostgreSQL rows and domain types.
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::str::FromStr;
+
+use serde::de::DeserializeOwned;
+use skymesh_proto::{NodeId, NodeState};
+use sqlx::postgres::PgRow;
+use sqlx::Row as _;
+
+use crate::store::{EnrollmentKeyInfo, NodeRecord, StoreError};
+
+pub(super) fn corrupt(what: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(what.to_string())
+}
+
+pub(super) fn to_i64(v: u64) -> i64 {
+    // Values are unix seconds, counters and ids: far below i64::MAX.
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+pub(super) fn to_u64(v: i64) -> Result<u64, StoreError> {
+    u64::try_from(v).map_err(|_| corrupt(format!("negative value {v}")))
+}
+
+pub(super) fn opt_u64(v: Option<i64>) -> Result<Option<u64>, StoreError> {
+    v.map(to_u64).transpose()
+}
+
+pub(super) fn json<T: DeserializeOwned>(row: &PgRow, col: &str) -> Result<T, StoreError> {
+    let text: String = row.try_get(col)?;
+    serde_json::from_str(&text).map_err(|e| corrupt(format!("column {col}: {e}")))
+}
+
+pub(super) fn to_json<T: serde::Serialize>(v: &T) -> Result<String, StoreError> {
+    serde_json::to_string(v).map_err(corrupt)
+}
+
+pub(super) fn parse<T: FromStr>(row: &PgRow, col: &str) -> Result<T, StoreError>
+where
+    T::Err: std::fmt::Display,
+{
+    let text: String = row.try_get(col)?;
+    text.parse()
+        .map_err(|e| corrupt(format!("column {col} = {text:?}: {e}")))
+}
+
+pub(super) fn state_str(s: NodeState) -> Result<&'static str, StoreError> {
+    match s {
+        NodeState::Pending => Ok("pending"),
+        NodeState::Approved => Ok("approved"),
+        NodeState::Revoked => Ok("revoked"),
+        NodeState::Unknown => Err(corrupt("unknown node state")),
+    }
+}
+
+pub(super) fn node_from_row(row: &PgRow) -> Result<NodeRecord, StoreError> {
+    let state: String = row.try_get("state")?;
+    let state = match state.as_str() {
+        "pending" => NodeState::Pending,
+        "approved" => NodeState::Approved,
+        "revoked" => NodeState::Revoked,
+        other => return Err(corrupt(format!("node state {other:?}"))),
+    };
+    Ok(NodeRecord {
+        id: NodeId(to_u64(row.try_get("id")?)?),
+        name: row.try_get("name")?,
+        public_key: parse(row, "public_key")?,
+        state,
+        ipv4: parse::<Ipv4Addr>(row, "ipv4")?,
+        ipv6: parse::<Ipv6Addr>(row, "ipv6")?,
+        tags: json(row, "tags")?,
+        endpoints: json(row, "endpoints")?,
+        advertised_routes: json(row, "advertised_routes")?,
+        approved_routes: json(row, "approved_routes")?,
+        enrollment_key_id: opt_u64(row.try_get("enrollment_key_id")?)?,
+        created_at: to_u64(row.try_get("created_at")?)?,
+        expires_at: opt_u64(row.try_get("expires_at")?)?,
+    })
+}
+
+pub(super) fn key_from_row(row: &PgRow) -> Result<EnrollmentKeyInfo, StoreError> {
+    let max_uses: Option<i64> = row.try_get("max_uses")?;
+    Ok(EnrollmentKeyInfo {
+        id: to_u64(row.try_get("id")?)?,
+        description: row.try_get("description")?,
+        reusable: row.try_get("reusable")?,
+        max_uses: max_uses
+            .map(|m| u32::try_from(m).map_err(|_| corrupt("max_uses")))
+            .transpose()?,
+        uses: u32::try_from(row.try_get::<i64, _>("uses")?).map_err(|_| corrupt("uses"))?,
+        expires_at: opt_u64(row.try_get("expires_at")?)?,
+        tags: json(row, "tags")?,
+        auto_approve: row.try_get("auto_approve")?,
+        node_ttl_secs: opt_u64(row.try_get("node_ttl_secs")?)?,
+        created_at: to_u64(row.try_get("created_at")?)?,
+        revoked_at: opt_u64(row.try_get("revoked_at")?)?,
+    })
+}
