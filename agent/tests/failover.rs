@@ -478,26 +478,7 @@ fn stock_wireguard_go_peer_roams_against_a_multi_uplink_agent() {
         .spawn(&["wireguard-go", "-f", &ib], &dir.path().join("b.log"));
     wait_socket(&ia, &mut pa);
     wait_socket(&ib, &mut pb);
-    setconf(
-        &net.a,
-        &ia,
-        &format!(
-            "[Interface]\nPrivateKey = {}\nListenPort = 51820\n[Peer]\nPublicKey = {}\n\
-             Endpoint = {}:51821\nAllowedIPs = 10.97.57.2/32\n",
-            ka.private, kb.public, net.sat.1
-        ),
-    );
-    setconf(
-        &net.b,
-        &ib,
-        &format!(
-            "[Interface]\nPrivateKey = {}\nListenPort = 51821\n[Peer]\nPublicKey = {}\n\
-             Endpoint = {}:51820\nAllowedIPs = 10.97.57.1/32\n",
-            kb.private, ka.public, net.sat.0
-        ),
-    );
-    overlay(&net.a, &ia, "10.97.57.1/24", "fd97:57::1/64");
-    overlay(&net.b, &ib, "10.97.57.2/24", "fd97:57::2/64");
+    connect_over_sat(&net, (&ia, &ka), (&ib, &kb), "10.97.57", "fd97:57::");
     assert!(
         net.a.ping_until("10.97.57.2", Duration::from_secs(5)),
         "a: {}\nb: {}",

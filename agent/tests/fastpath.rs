@@ -66,26 +66,7 @@ fn bulk_traffic_through_the_offloaded_path_allocates_nothing_per_packet() {
     let pa = start(&net.a, &ia);
     let pb = start(&net.b, &ib);
     let (ka, kb) = (genkey(), genkey());
-    setconf(
-        &net.a,
-        &ia,
-        &format!(
-            "[Interface]\nPrivateKey = {}\nListenPort = 51820\n[Peer]\nPublicKey = {}\n\
-             Endpoint = {}:51821\nAllowedIPs = 10.96.80.2/32\n",
-            ka.private, kb.public, net.sat.1
-        ),
-    );
-    setconf(
-        &net.b,
-        &ib,
-        &format!(
-            "[Interface]\nPrivateKey = {}\nListenPort = 51821\n[Peer]\nPublicKey = {}\n\
-             Endpoint = {}:51820\nAllowedIPs = 10.96.80.1/32\n",
-            kb.private, ka.public, net.sat.0
-        ),
-    );
-    overlay(&net.a, &ia, "10.96.80.1/24", "fd77:80::1/64");
-    overlay(&net.b, &ib, "10.96.80.2/24", "fd77:80::2/64");
+    connect_over_sat(&net, (&ia, &ka), (&ib, &kb), "10.96.80", "fd77:80::");
     assert!(
         net.a.ping_until("10.96.80.2", Duration::from_secs(10)),
         "no ping over the tunnel:\n{}\n{}",

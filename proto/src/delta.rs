@@ -10,11 +10,10 @@
 
 use std::collections::BTreeMap;
 
-use base64::engine::general_purpose::STANDARD;
-use base64::Engine as _;
-use ed25519_dalek::{Signature, Signer as _, SigningKey, VerifyingKey};
+use ed25519_dalek::{SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
 
+use crate::signed::{sign_payload, verify_payload};
 use crate::{ControllerPublicKey, NetMap, NodeId, PeerEntry, SelfNode, VerifyError};
 
 /// Domain-separation prefix for deltas.
@@ -131,41 +130,27 @@ pub struct SignedDelta {
     pub public_key: ControllerPublicKey,
 }
 
-fn message(payload: &str) -> Vec<u8> {
-    let mut m = Vec::with_capacity(DELTA_SIGNING_CONTEXT.len() + payload.len());
-    m.extend_from_slice(DELTA_SIGNING_CONTEXT);
-    m.extend_from_slice(payload.as_bytes());
-    m
-}
-
 /// Serialises and signs `delta`.
 pub fn sign_delta(delta: &NetMapDelta, key: &SigningKey) -> Result<SignedDelta, serde_json::Error> {
     let payload = serde_json::to_string(delta)?;
-    let signature = key.sign(&message(&payload));
+    let (signature, public_key) = sign_payload(DELTA_SIGNING_CONTEXT, &payload, key);
     Ok(SignedDelta {
-        signature: STANDARD.encode(signature.to_bytes()),
+        signature,
         payload,
-        public_key: ControllerPublicKey(key.verifying_key()),
+        public_key,
     })
 }
 
 impl SignedDelta {
     /// Checks the signature against the `pinned` key, then parses the payload.
     pub fn verify(&self, pinned: &VerifyingKey) -> Result<NetMapDelta, VerifyError> {
-        if self.public_key.0 != *pinned {
-            return Err(VerifyError::KeyMismatch {
-                got: self.public_key.to_string(),
-                pinned: ControllerPublicKey(*pinned).to_string(),
-            });
-        }
-        let sig: [u8; 64] = STANDARD
-            .decode(&self.signature)
-            .ok()
-            .and_then(|v| v.try_into().ok())
-            .ok_or(VerifyError::MalformedSignature)?;
-        pinned
-            .verify_strict(&message(&self.payload), &Signature::from_bytes(&sig))
-            .map_err(|_| VerifyError::BadSignature)?;
+        verify_payload(
+            DELTA_SIGNING_CONTEXT,
+            &self.payload,
+            &self.signature,
+            &self.public_key,
+            pinned,
+        )?;
         serde_json::from_str(&self.payload).map_err(VerifyError::Payload)
     }
 }

@@ -45,21 +45,60 @@ pub enum VerifyError {
     Payload(#[source] serde_json::Error),
 }
 
-fn message(payload: &str) -> Vec<u8> {
-    let mut m = Vec::with_capacity(NETMAP_SIGNING_CONTEXT.len() + payload.len());
-    m.extend_from_slice(NETMAP_SIGNING_CONTEXT);
+/// `context || payload`: the bytes an Ed25519 signature of a netmap or delta covers.
+fn message(context: &[u8], payload: &str) -> Vec<u8> {
+    let mut m = Vec::with_capacity(context.len() + payload.len());
+    m.extend_from_slice(context);
     m.extend_from_slice(payload.as_bytes());
     m
+}
+
+/// Signs `payload` under `context`: the base64 signature and the signer's public key.
+pub(crate) fn sign_payload(
+    context: &[u8],
+    payload: &str,
+    key: &SigningKey,
+) -> (String, ControllerPublicKey) {
+    let signature = key.sign(&message(context, payload));
+    (
+        STANDARD.encode(signature.to_bytes()),
+        ControllerPublicKey(key.verifying_key()),
+    )
+}
+
+/// Checks that `signature` over `context || payload` was made by the `pinned` key (and that
+/// the informative `claimed` key is the pinned one), before anything parses the payload.
+pub(crate) fn verify_payload(
+    context: &[u8],
+    payload: &str,
+    signature: &str,
+    claimed: &ControllerPublicKey,
+    pinned: &VerifyingKey,
+) -> Result<(), VerifyError> {
+    if claimed.0 != *pinned {
+        return Err(VerifyError::KeyMismatch {
+            got: claimed.to_string(),
+            pinned: ControllerPublicKey(*pinned).to_string(),
+        });
+    }
+    let sig: [u8; 64] = STANDARD
+        .decode(signature)
+        .ok()
+        .and_then(|v| v.try_into().ok())
+        .ok_or(VerifyError::MalformedSignature)?;
+    pinned
+        .verify_strict(&message(context, payload), &Signature::from_bytes(&sig))
+        .map_err(|_| VerifyError::BadSignature)
 }
 
 /// Serialises and signs `map`.
 pub fn sign_netmap(map: &NetMap, key: &SigningKey) -> Result<SignedNetMap, serde_json::Error> {
     let payload = serde_json::to_string(map)?;
-    let signature = key.sign(&message(&payload));
+    let (signature, public_key) = sign_payload(NETMAP_SIGNING_CONTEXT, &payload, key);
     Ok(SignedNetMap {
-        signature: STANDARD.encode(signature.to_bytes()),
+        signature,
         payload,
-        public_key: ControllerPublicKey(key.verifying_key()),
+        public_key,
     })
 }
 
@@ -69,20 +108,13 @@ impl SignedNetMap {
     /// Rollback protection (refusing a serial lower than the one held) is the caller's job:
     /// it needs state this function does not have.
     pub fn verify(&self, pinned: &VerifyingKey) -> Result<NetMap, VerifyError> {
-        if self.public_key.0 != *pinned {
-            return Err(VerifyError::KeyMismatch {
-                got: self.public_key.to_string(),
-                pinned: ControllerPublicKey(*pinned).to_string(),
-            });
-        }
-        let sig: [u8; 64] = STANDARD
-            .decode(&self.signature)
-            .ok()
-            .and_then(|v| v.try_into().ok())
-            .ok_or(VerifyError::MalformedSignature)?;
-        pinned
-            .verify_strict(&message(&self.payload), &Signature::from_bytes(&sig))
-            .map_err(|_| VerifyError::BadSignature)?;
+        verify_payload(
+            NETMAP_SIGNING_CONTEXT,
+            &self.payload,
+            &self.signature,
+            &self.public_key,
+            pinned,
+        )?;
         serde_json::from_str(&self.payload).map_err(VerifyError::Payload)
     }
 }

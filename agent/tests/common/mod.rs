@@ -380,3 +380,26 @@ pub(crate) fn tmpdir() -> tempfile::TempDir {
         .tempdir()
         .expect("tempdir")
 }
+
+/// Points `ia` (in `net.a`, port 51820) and `ib` (in `net.b`, port 51821) at each other over
+/// the sat link with `wg setconf`, each allowing the other's `{v4}.1`/`{v4}.2` address, and
+/// gives them the overlay addresses `{v4}.1/24`, `{v6}1/64` and `{v4}.2/24`, `{v6}2/64`.
+pub(crate) fn connect_over_sat(
+    net: &Pair,
+    (ia, ka): (&str, &Keys),
+    (ib, kb): (&str, &Keys),
+    v4: &str,
+    v6: &str,
+) {
+    let conf = |me: &Keys, port: u16, peer: &Keys, peer_ip: &str, peer_port: u16, allowed: u8| {
+        format!(
+            "[Interface]\nPrivateKey = {}\nListenPort = {port}\n[Peer]\nPublicKey = {}\n\
+             Endpoint = {peer_ip}:{peer_port}\nAllowedIPs = {v4}.{allowed}/32\n",
+            me.private, peer.public
+        )
+    };
+    setconf(&net.a, ia, &conf(ka, 51820, kb, &net.sat.1, 51821, 2));
+    setconf(&net.b, ib, &conf(kb, 51821, ka, &net.sat.0, 51820, 1));
+    overlay(&net.a, ia, &format!("{v4}.1/24"), &format!("{v6}1/64"));
+    overlay(&net.b, ib, &format!("{v4}.2/24"), &format!("{v6}2/64"));
+}

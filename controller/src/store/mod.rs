@@ -6,6 +6,7 @@
 //! all of a change or none of it.
 
 pub mod postgres;
+mod rows;
 mod sqlite;
 
 use std::collections::BTreeMap;

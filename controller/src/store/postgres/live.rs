@@ -9,8 +9,8 @@ use ipnet::IpNet;
 use skymesh_proto::{Endpoint, NodeId, NodeState, StatusReport, WgPublicKey, REFLEXIVE_UPLINK};
 use sqlx::Row as _;
 
-use super::rows::{corrupt, opt_u64, to_i64, to_json, to_u64};
 use super::{append_audit, bump_serial, PgStore};
+use crate::store::rows::{corrupt, opt_u64, to_i64, to_json, to_u64};
 use crate::store::{merge_endpoints, Actor, NodeRecord, NodeSeen, StoreError};
 
 type Tx = sqlx::Transaction<'static, sqlx::Postgres>;

@@ -36,7 +36,7 @@ use crate::netmap::TopoNode;
 use crate::secrets;
 
 mod live;
-mod rows;
+use crate::store::rows;
 
 use rows::{corrupt, key_from_row, node_from_row, state_str, to_i64, to_json, to_u64};
 

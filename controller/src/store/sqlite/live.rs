@@ -11,8 +11,8 @@ use ipnet::IpNet;
 use skymesh_proto::{Endpoint, NodeId, NodeState, StatusReport, WgPublicKey, REFLEXIVE_UPLINK};
 use sqlx::Row as _;
 
-use super::rows::{corrupt, opt_u64, to_i64, to_json, to_u64};
 use super::{append_audit, bump_serial, SqliteStore};
+use crate::store::rows::{corrupt, opt_u64, to_i64, to_json, to_u64};
 use crate::store::{Actor, NodeRecord, NodeSeen, StoreError};
 
 /// The endpoints to store: the node's local ones, plus a reflexive one (source IP as seen by

@@ -31,7 +31,7 @@ use crate::netmap::TopoNode;
 use crate::secrets;
 
 mod live;
-mod rows;
+use crate::store::rows;
 
 pub(crate) use live::merge_endpoints;
 

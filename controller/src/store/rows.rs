@@ -1,51 +1,62 @@
-//! Conversions between SQLite rows and domain types.
+//! Conversions between database rows (SQLite and PostgreSQL alike) and domain types.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
 
 use serde::de::DeserializeOwned;
 use skymesh_proto::{NodeId, NodeState};
-use sqlx::sqlite::SqliteRow;
-use sqlx::Row as _;
+use sqlx::{ColumnIndex, Decode, Row, Type};
 
 use crate::store::{EnrollmentKeyInfo, NodeRecord, StoreError};
 
-pub(super) fn corrupt(what: impl std::fmt::Display) -> StoreError {
+pub(crate) fn corrupt(what: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(what.to_string())
 }
 
-pub(super) fn to_i64(v: u64) -> i64 {
+pub(crate) fn to_i64(v: u64) -> i64 {
     // Values are unix seconds, counters and ids: far below i64::MAX.
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-pub(super) fn to_u64(v: i64) -> Result<u64, StoreError> {
+pub(crate) fn to_u64(v: i64) -> Result<u64, StoreError> {
     u64::try_from(v).map_err(|_| corrupt(format!("negative value {v}")))
 }
 
-pub(super) fn opt_u64(v: Option<i64>) -> Result<Option<u64>, StoreError> {
+pub(crate) fn opt_u64(v: Option<i64>) -> Result<Option<u64>, StoreError> {
     v.map(to_u64).transpose()
 }
 
-pub(super) fn json<T: DeserializeOwned>(row: &SqliteRow, col: &str) -> Result<T, StoreError> {
+pub(crate) fn json<T: DeserializeOwned, R>(row: &R, col: &str) -> Result<T, StoreError>
+where
+    R: Row,
+    for<'a> &'a str: ColumnIndex<R>,
+    for<'a> String: Decode<'a, R::Database> + Type<R::Database>,
+    for<'a> i64: Decode<'a, R::Database> + Type<R::Database>,
+    for<'a> bool: Decode<'a, R::Database> + Type<R::Database>,
+{
     let text: String = row.try_get(col)?;
     serde_json::from_str(&text).map_err(|e| corrupt(format!("column {col}: {e}")))
 }
 
-pub(super) fn to_json<T: serde::Serialize>(v: &T) -> Result<String, StoreError> {
+pub(crate) fn to_json<T: serde::Serialize>(v: &T) -> Result<String, StoreError> {
     serde_json::to_string(v).map_err(corrupt)
 }
 
-pub(super) fn parse<T: FromStr>(row: &SqliteRow, col: &str) -> Result<T, StoreError>
+pub(crate) fn parse<T: FromStr, R>(row: &R, col: &str) -> Result<T, StoreError>
 where
     T::Err: std::fmt::Display,
+    R: Row,
+    for<'a> &'a str: ColumnIndex<R>,
+    for<'a> String: Decode<'a, R::Database> + Type<R::Database>,
+    for<'a> i64: Decode<'a, R::Database> + Type<R::Database>,
+    for<'a> bool: Decode<'a, R::Database> + Type<R::Database>,
 {
     let text: String = row.try_get(col)?;
     text.parse()
         .map_err(|e| corrupt(format!("column {col} = {text:?}: {e}")))
 }
 
-pub(super) fn state_str(s: NodeState) -> Result<&'static str, StoreError> {
+pub(crate) fn state_str(s: NodeState) -> Result<&'static str, StoreError> {
     match s {
         NodeState::Pending => Ok("pending"),
         NodeState::Approved => Ok("approved"),
@@ -54,7 +65,14 @@ pub(super) fn state_str(s: NodeState) -> Result<&'static str, StoreError> {
     }
 }
 
-pub(super) fn node_from_row(row: &SqliteRow) -> Result<NodeRecord, StoreError> {
+pub(crate) fn node_from_row<R>(row: &R) -> Result<NodeRecord, StoreError>
+where
+    R: Row,
+    for<'a> &'a str: ColumnIndex<R>,
+    for<'a> String: Decode<'a, R::Database> + Type<R::Database>,
+    for<'a> i64: Decode<'a, R::Database> + Type<R::Database>,
+    for<'a> bool: Decode<'a, R::Database> + Type<R::Database>,
+{
     let state: String = row.try_get("state")?;
     let state = match state.as_str() {
         "pending" => NodeState::Pending,
@@ -67,8 +85,8 @@ pub(super) fn node_from_row(row: &SqliteRow) -> Result<NodeRecord, StoreError> {
         name: row.try_get("name")?,
         public_key: parse(row, "public_key")?,
         state,
-        ipv4: parse::<Ipv4Addr>(row, "ipv4")?,
-        ipv6: parse::<Ipv6Addr>(row, "ipv6")?,
+        ipv4: parse::<Ipv4Addr, _>(row, "ipv4")?,
+        ipv6: parse::<Ipv6Addr, _>(row, "ipv6")?,
         tags: json(row, "tags")?,
         endpoints: json(row, "endpoints")?,
         advertised_routes: json(row, "advertised_routes")?,
@@ -79,7 +97,14 @@ pub(super) fn node_from_row(row: &SqliteRow) -> Result<NodeRecord, StoreError> {
     })
 }
 
-pub(super) fn key_from_row(row: &SqliteRow) -> Result<EnrollmentKeyInfo, StoreError> {
+pub(crate) fn key_from_row<R>(row: &R) -> Result<EnrollmentKeyInfo, StoreError>
+where
+    R: Row,
+    for<'a> &'a str: ColumnIndex<R>,
+    for<'a> String: Decode<'a, R::Database> + Type<R::Database>,
+    for<'a> i64: Decode<'a, R::Database> + Type<R::Database>,
+    for<'a> bool: Decode<'a, R::Database> + Type<R::Database>,
+{
     let max_uses: Option<i64> = row.try_get("max_uses")?;
     Ok(EnrollmentKeyInfo {
         id: to_u64(row.try_get("id")?)?,
