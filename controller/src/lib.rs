@@ -66,13 +66,17 @@ pub fn store_options(config: &Config) -> StoreOptions {
             v6: config.overlay.ipv6,
         },
         policy_fingerprint: Policy::new(&config.policy).fingerprint(),
+        controller_public_key: None,
     }
 }
 
 /// Opens the configured store: PostgreSQL when `database` is set, else SQLite in the data
 /// directory (created if missing). The configuration must have been validated.
 pub async fn open_store(config: &Config) -> Result<Store, OpenError> {
-    let opts = store_options(config);
+    open_store_with(config, store_options(config)).await
+}
+
+async fn open_store_with(config: &Config, opts: StoreOptions) -> Result<Store, OpenError> {
     Ok(match &config.database {
         Some(db) => Store::open_postgres(&db.url, db.max_connections, &opts).await?,
         None => {
@@ -91,10 +95,15 @@ pub async fn open(config: &Config, clock: Clock) -> Result<AppState, OpenError> 
         Some(path) => signing::load_or_create_file(path)?,
         None => signing::load_or_create(&config.data_dir)?,
     };
-    let store = open_store(config).await?;
-    store
-        .pin_controller_key(&skymesh_proto::ControllerPublicKey(key.verifying_key()).to_string())
-        .await?;
+    // The key is checked in the same transaction as the other settings, first: a replica
+    // started with another key is refused before it writes anything.
+    let opts = StoreOptions {
+        controller_public_key: Some(
+            skymesh_proto::ControllerPublicKey(key.verifying_key()).to_string(),
+        ),
+        ..store_options(config)
+    };
+    let store = open_store_with(config, opts).await?;
     // Subscribed before any request is served, so no replica's change can slip past.
     let feed = store.change_feed().await?;
     let state = AppState::new(

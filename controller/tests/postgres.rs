@@ -273,10 +273,18 @@ async fn a_change_made_on_one_replica_reaches_a_stream_on_the_other() {
 #[tokio::test]
 async fn a_replica_with_another_signing_key_is_refused() {
     let a = TestController::postgres().await;
+    let key = a
+        .enrollment_key(json!({"reusable": true, "auto_approve": true, "tags": ["hq"]}))
+        .await;
+    let (_, cred) = a.register_ok(&key, 1, "hq").await;
+    let before = a.netmap(&cred).await;
     let dir = tempfile::tempdir().expect("tmp");
+    // Another key and another policy: the refusal must come before the policy is recorded,
+    // or the running replicas' netmaps would change under them.
     let config = skymesh_controller::config::Config {
         data_dir: dir.path().join("data"),
         signing_key: None, // a fresh key in its own data dir
+        policy: serde_yaml::from_str("rules: [{from: [hq], to: [field]}]").expect("policy"),
         ..a.config.clone()
     };
     let e = skymesh_controller::open(&config, skymesh_controller::Clock::System)
@@ -285,6 +293,21 @@ async fn a_replica_with_another_signing_key_is_refused() {
         .expect("must refuse");
     assert!(e.to_string().contains("signing public key"), "{e}");
     assert!(e.to_string().contains("--signing-key"), "{e}");
+    assert_eq!(
+        a.netmap(&cred).await,
+        before,
+        "a refused replica changed nothing (serial, policy)"
+    );
+    assert_eq!(
+        a.replica()
+            .await
+            .state
+            .store
+            .serial()
+            .await
+            .expect("serial"),
+        before.serial
+    );
     // The rightful key still opens it, after a restart too.
     let a = a.restart().await;
     assert!(a.replica().await.state.store.serial().await.is_ok());

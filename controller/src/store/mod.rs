@@ -197,6 +197,10 @@ pub struct StoreOptions {
     pub pools: Pools,
     /// Stored; a change across restarts bumps the serial (netmaps depend on policy).
     pub policy_fingerprint: String,
+    /// The controller's signing public key: recorded at first start, and a store holding a
+    /// different one is refused before anything else is written. `None` for offline commands
+    /// that sign nothing (`admin-token create`, `audit verify`).
+    pub controller_public_key: Option<String>,
 }
 
 /// A persistence backend.
@@ -230,12 +234,6 @@ impl Store {
         Ok(Store::Postgres(
             PgStore::open(url, max_connections, opts).await?,
         ))
-    }
-
-    /// Records the controller's signing public key (base64) at first start and refuses a
-    /// different one afterwards: every replica must sign with the same key.
-    pub async fn pin_controller_key(&self, key: &str) -> Result<(), StoreError> {
-        delegate!(self, s => s.pin_controller_key(key).await)
     }
 
     /// A feed of serial bumps committed by *other* processes sharing the database (replicas),

@@ -195,8 +195,17 @@ impl PgStore {
         Ok(ChangeFeed { listener })
     }
 
+    /// Pins the controller key (when given) and the overlay prefixes, records the policy: one
+    /// transaction under the write lock, key first, so a refused replica writes nothing (a
+    /// replica with another key must not replace the policy the others run).
     async fn check_settings(&self, opts: &StoreOptions) -> Result<(), StoreError> {
         let mut tx = self.begin_write().await?;
+        if let Some(key) = &opts.controller_public_key {
+            pin_setting(&mut tx, "controller_public_key", key, |have| {
+                super::key_mismatch(have, key)
+            })
+            .await?;
+        }
         for (name, want) in [
             ("overlay_ipv4", opts.pools.v4.to_string()),
             ("overlay_ipv6", opts.pools.v6.to_string()),
@@ -234,18 +243,6 @@ impl PgStore {
                 bump_serial(&mut tx).await?;
             }
         }
-        tx.commit().await?;
-        Ok(())
-    }
-
-    /// Records the controller's signing public key on first start; refuses a different one
-    /// later (a replica started with another key would sign netmaps agents reject).
-    pub async fn pin_controller_key(&self, key: &str) -> Result<(), StoreError> {
-        let mut tx = self.begin_write().await?;
-        pin_setting(&mut tx, "controller_public_key", key, |have| {
-            super::key_mismatch(have, key)
-        })
-        .await?;
         tx.commit().await?;
         Ok(())
     }

@@ -136,10 +136,30 @@ impl SqliteStore {
         Ok(store)
     }
 
-    /// Pins the overlay prefixes at first start (existing addresses must stay inside them) and
-    /// bumps the serial when the policy changed since the last start.
+    /// Pins the controller key (when given) and the overlay prefixes at first start (existing
+    /// addresses must stay inside them) and bumps the serial when the policy changed since the
+    /// last start. One transaction: a refused start writes nothing.
     async fn check_settings(&self, opts: &StoreOptions) -> Result<(), StoreError> {
         let mut tx = self.write.begin_with("BEGIN IMMEDIATE").await?;
+        if let Some(key) = &opts.controller_public_key {
+            let have: Option<String> = sqlx::query_scalar(
+                "SELECT value FROM settings WHERE name = 'controller_public_key'",
+            )
+            .fetch_optional(&mut *tx)
+            .await?;
+            match have {
+                None => {
+                    sqlx::query(
+                        "INSERT INTO settings (name, value) VALUES ('controller_public_key', ?)",
+                    )
+                    .bind(key)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                Some(have) if &have == key => {}
+                Some(have) => return Err(StoreError::Config(super::key_mismatch(&have, key))),
+            }
+        }
         for (name, want) in [
             ("overlay_ipv4", opts.pools.v4.to_string()),
             ("overlay_ipv6", opts.pools.v6.to_string()),
@@ -179,29 +199,6 @@ impl SqliteStore {
             if have.is_some() {
                 bump_serial(&mut tx).await?;
             }
-        }
-        tx.commit().await?;
-        Ok(())
-    }
-
-    /// Records the controller's signing public key at first start; refuses a different one.
-    pub async fn pin_controller_key(&self, key: &str) -> Result<(), StoreError> {
-        let mut tx = self.write.begin_with("BEGIN IMMEDIATE").await?;
-        let have: Option<String> =
-            sqlx::query_scalar("SELECT value FROM settings WHERE name = 'controller_public_key'")
-                .fetch_optional(&mut *tx)
-                .await?;
-        match have {
-            None => {
-                sqlx::query(
-                    "INSERT INTO settings (name, value) VALUES ('controller_public_key', ?)",
-                )
-                .bind(key)
-                .execute(&mut *tx)
-                .await?;
-            }
-            Some(have) if have == key => {}
-            Some(have) => return Err(StoreError::Config(super::key_mismatch(&have, key))),
         }
         tx.commit().await?;
         Ok(())
@@ -805,6 +802,7 @@ mod tests {
                 v6: crate::config::DEFAULT_OVERLAY_V6,
             },
             policy_fingerprint: String::new(),
+            controller_public_key: None,
         };
         let store = SqliteStore::open(dir.path(), &opts).await.expect("open");
         for pool in [&store.write, &store.read] {
