@@ -706,17 +706,24 @@ async fn audit_log_records_admin_changes_and_verifies() {
 async fn healthz_and_metrics_report_state() {
     let c = TestController::new().await;
     let key = c.enrollment_key(json!({"auto_approve": true})).await;
-    c.register_ok(&key, 1, "n").await;
+    let (n, _) = c.register_ok(&key, 1, "n").await;
     c.register(&key, 2, "m").await; // refused: one-off key used up
+                                    // Per-node last contact, each node's own: "p" registers 7 s after "n".
+    let key2 = c.enrollment_key(json!({"auto_approve": true})).await;
+    c.advance(7);
+    let (p, _) = c.register_ok(&key2, 3, "p").await;
+    c.advance(2);
     let h = c.call(Method::GET, "/healthz", None, None).await;
     assert_eq!(h.body["status"], "ok");
     let m = c.call(Method::GET, "/metrics", None, None).await;
     assert_eq!(m.status, StatusCode::OK);
     for line in [
-        "skymesh_registrations_total 1",
-        "skymesh_registrations_refused_total 1",
-        "skymesh_nodes{state=\"approved\"} 1",
-        "skymesh_topology_serial 2",
+        "skymesh_registrations_total 2".to_owned(),
+        "skymesh_registrations_refused_total 1".to_owned(),
+        "skymesh_nodes{state=\"approved\"} 2".to_owned(),
+        "skymesh_topology_serial 3".to_owned(),
+        format!("skymesh_node_last_seen_age_seconds{{node=\"{n}\",name=\"n\"}} 9"),
+        format!("skymesh_node_last_seen_age_seconds{{node=\"{p}\",name=\"p\"}} 2"),
     ] {
         assert!(
             m.text.lines().any(|l| l == line),

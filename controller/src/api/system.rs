@@ -43,14 +43,19 @@ pub(super) async fn healthz(State(state): State<AppState>) -> Result<Json<Health
     responses((status = 200, content_type = "text/plain; version=0.0.4", body = String)))]
 pub(super) async fn metrics(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
     let stats = state.store.stats().await?;
-    let mut nodes = Vec::new();
-    for node in state.store.nodes().await? {
-        if node.state == skymesh_proto::NodeState::Revoked {
-            continue;
-        }
-        let seen = state.store.node_seen(node.id).await?;
-        nodes.push((node, seen));
-    }
+    // Two queries whatever the fleet size: nodes, then every node's last contact.
+    let mut seen = state.store.nodes_seen().await?;
+    let nodes: Vec<_> = state
+        .store
+        .nodes()
+        .await?
+        .into_iter()
+        .filter(|n| n.state != skymesh_proto::NodeState::Revoked)
+        .map(|n| {
+            let s = seen.remove(&n.id);
+            (n, s)
+        })
+        .collect();
     let mut body = state.metrics.render(&stats);
     body.push_str(&crate::metrics::render_nodes(&nodes, state.clock.now()));
     Ok((

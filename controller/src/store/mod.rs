@@ -365,6 +365,13 @@ impl Store {
         delegate!(self, s => s.node_seen(id).await)
     }
 
+    /// Every node's last contact and report (nodes that never called in are absent).
+    pub async fn nodes_seen(
+        &self,
+    ) -> Result<std::collections::HashMap<NodeId, NodeSeen>, StoreError> {
+        delegate!(self, s => s.nodes_seen().await)
+    }
+
     pub async fn rotate_key(
         &self,
         id: NodeId,

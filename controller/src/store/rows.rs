@@ -7,7 +7,7 @@ use serde::de::DeserializeOwned;
 use skymesh_proto::{NodeId, NodeState};
 use sqlx::{ColumnIndex, Decode, Row, Type};
 
-use crate::store::{EnrollmentKeyInfo, NodeRecord, StoreError};
+use crate::store::{EnrollmentKeyInfo, NodeRecord, NodeSeen, StoreError};
 
 pub(crate) fn corrupt(what: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(what.to_string())
@@ -120,5 +120,31 @@ where
         node_ttl_secs: opt_u64(row.try_get("node_ttl_secs")?)?,
         created_at: to_u64(row.try_get("created_at")?)?,
         revoked_at: opt_u64(row.try_get("revoked_at")?)?,
+    })
+}
+
+/// A `node_status` row (`last_seen, seen_from, reported_at, report`).
+pub(crate) fn seen_from_row<R>(row: &R) -> Result<NodeSeen, StoreError>
+where
+    R: Row,
+    for<'a> &'a str: ColumnIndex<R>,
+    for<'a> Option<String>: Decode<'a, R::Database> + Type<R::Database>,
+    for<'a> Option<i64>: Decode<'a, R::Database> + Type<R::Database>,
+    for<'a> i64: Decode<'a, R::Database> + Type<R::Database>,
+{
+    let seen_from: Option<String> = row.try_get("seen_from")?;
+    let report: Option<String> = row.try_get("report")?;
+    Ok(NodeSeen {
+        last_seen: to_u64(row.try_get("last_seen")?)?,
+        seen_from: seen_from
+            .map(|s| {
+                s.parse()
+                    .map_err(|e| corrupt(format!("seen_from {s:?}: {e}")))
+            })
+            .transpose()?,
+        reported_at: opt_u64(row.try_get("reported_at")?)?,
+        status: report
+            .map(|s| serde_json::from_str(&s).map_err(|e| corrupt(format!("report: {e}"))))
+            .transpose()?,
     })
 }

@@ -3,6 +3,7 @@
 //! write lock: they lock the node's row (`FOR UPDATE` when rewriting it, `FOR KEY SHARE` when
 //! only touching `node_status`, which still keeps a concurrent delete from orphaning a row).
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -10,7 +11,7 @@ use skymesh_proto::{Endpoint, NodeId, NodeState, StatusReport, WgPublicKey, REFL
 use sqlx::Row as _;
 
 use super::{append_audit, bump_serial, PgStore};
-use crate::store::rows::{corrupt, opt_u64, to_i64, to_json, to_u64};
+use crate::store::rows::{seen_from_row, to_i64, to_json, to_u64};
 use crate::store::{merge_endpoints, Actor, NodeRecord, NodeSeen, StoreError};
 
 type Tx = sqlx::Transaction<'static, sqlx::Postgres>;
@@ -115,29 +116,32 @@ impl PgStore {
     }
 
     pub async fn node_seen(&self, id: NodeId) -> Result<Option<NodeSeen>, StoreError> {
-        let row = sqlx::query(
+        sqlx::query(
             "SELECT last_seen, seen_from, reported_at, report FROM node_status \
              WHERE node_id = $1",
         )
         .bind(to_i64(id.0))
         .fetch_optional(&self.pool)
+        .await?
+        .map(|row| seen_from_row(&row))
+        .transpose()
+    }
+
+    /// Every node's last contact and report, in one query (metrics scrapes).
+    pub async fn nodes_seen(&self) -> Result<HashMap<NodeId, NodeSeen>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT node_id, last_seen, seen_from, reported_at, report FROM node_status",
+        )
+        .fetch_all(&self.pool)
         .await?;
-        let Some(row) = row else { return Ok(None) };
-        let seen_from: Option<String> = row.try_get("seen_from")?;
-        let report: Option<String> = row.try_get("report")?;
-        Ok(Some(NodeSeen {
-            last_seen: to_u64(row.try_get("last_seen")?)?,
-            seen_from: seen_from
-                .map(|s| {
-                    s.parse()
-                        .map_err(|e| corrupt(format!("seen_from {s:?}: {e}")))
-                })
-                .transpose()?,
-            reported_at: opt_u64(row.try_get("reported_at")?)?,
-            status: report
-                .map(|s| serde_json::from_str(&s).map_err(|e| corrupt(format!("report: {e}"))))
-                .transpose()?,
-        }))
+        rows.iter()
+            .map(|row| {
+                Ok((
+                    NodeId(to_u64(row.try_get("node_id")?)?),
+                    seen_from_row(row)?,
+                ))
+            })
+            .collect()
     }
 
     /// Replaces the node's WireGuard public key (the node rotated it), bumping the serial.

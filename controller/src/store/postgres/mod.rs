@@ -136,19 +136,37 @@ async fn append_audit(
     Ok(())
 }
 
-/// `url` with any password replaced by `***`, for logs and error messages.
+/// `url` with any password replaced by `***`, for logs and error messages: the one in the
+/// user info and the `password` / `sslpassword` query parameters libpq also accepts.
 pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
-    let (authority, tail) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    match authority.rsplit_once('@') {
+    let (rest, query) = match rest.split_once('?') {
+        Some((r, q)) => (r, Some(q)),
+        None => (rest, None),
+    };
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let authority = match authority.rsplit_once('@') {
         Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _)) => format!("{scheme}://{user}:***@{host}{tail}"),
-            None => url.to_owned(),
+            Some((user, _)) => format!("{user}:***@{host}"),
+            None => authority.to_owned(),
         },
-        None => url.to_owned(),
+        None => authority.to_owned(),
+    };
+    let mut out = format!("{scheme}://{authority}{path}");
+    if let Some(query) = query {
+        let params: Vec<String> = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((k, _)) if k == "password" || k == "sslpassword" => format!("{k}=***"),
+                _ => pair.to_owned(),
+            })
+            .collect();
+        out.push('?');
+        out.push_str(&params.join("&"));
     }
+    out
 }
 
 impl PgStore {
@@ -882,6 +900,14 @@ mod tests {
         assert_eq!(
             redact_url("postgresql:///skymesh?host=/run/postgresql"),
             "postgresql:///skymesh?host=/run/postgresql"
+        );
+        assert_eq!(
+            redact_url("postgres://db/x?user=s&password=hunter2&sslmode=require&sslpassword=k"),
+            "postgres://db/x?user=s&password=***&sslmode=require&sslpassword=***"
+        );
+        assert_eq!(
+            redact_url("postgres://u:p@db?password=q"),
+            "postgres://u:***@db?password=***"
         );
     }
 }
