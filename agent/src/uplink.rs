@@ -61,8 +61,10 @@ impl Socket {
 pub(crate) struct Uplinks {
     port: u16,
     sockets: Vec<Socket>,
-    /// Socket index of each uplink, in [`UplinkId`] order.
-    by_uplink: Vec<usize>,
+    /// Socket indexes of each uplink (`[IPv4, IPv6]`), in [`UplinkId`] order. An uplink bound
+    /// to a source address has a socket of that family only; one bound to an interface alone
+    /// has both (IPv6 where the host has it), so its IPv6 paths leave through it too.
+    by_uplink: Vec<[Option<usize>; 2]>,
 }
 
 impl Uplinks {
@@ -91,27 +93,47 @@ impl Uplinks {
         }
         let mut by_uplink = Vec::with_capacity(uplinks.len());
         for (i, u) in uplinks.iter().enumerate() {
-            let ip = u
-                .source_address
-                .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
-            let sock = sys::udp_socket_on(
-                SocketAddr::new(ip, port),
-                mark,
-                u.interface.as_deref(),
-                true,
-            )
-            .map_err(|e| {
+            let err = |e: io::Error| {
                 io::Error::new(
                     e.kind(),
                     format!("binding the socket of uplink {:?}: {e}", u.name),
                 )
-            })?;
-            by_uplink.push(sockets.len());
-            sockets.push(Socket::new(
-                sock,
-                ip.is_ipv6(),
-                u8::try_from(i).ok().map(UplinkId),
-            ));
+            };
+            let id = u8::try_from(i).ok().map(UplinkId);
+            let addrs: Vec<IpAddr> = match (u.source_address, &u.interface) {
+                (Some(ip), _) => vec![ip],
+                (None, Some(_)) => vec![
+                    IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                    IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+                ],
+                // Without either it would be one more wildcard socket: nothing to steer with.
+                (None, None) => {
+                    return Err(err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        "it needs an interface or a source_address",
+                    )))
+                }
+            };
+            let mut slots = [None, None];
+            for ip in addrs {
+                let sock = match sys::udp_socket_on(
+                    SocketAddr::new(ip, port),
+                    mark,
+                    u.interface.as_deref(),
+                    true,
+                ) {
+                    Ok(s) => s,
+                    // IPv6 disabled on the host: the interface's IPv4 socket alone.
+                    Err(e) if ip.is_ipv6() && u.source_address.is_none() => {
+                        tracing::warn!(uplink = %u.name, error = %e, "no IPv6 socket on this uplink");
+                        continue;
+                    }
+                    Err(e) => return Err(err(e)),
+                };
+                slots[usize::from(ip.is_ipv6())] = Some(sockets.len());
+                sockets.push(Socket::new(sock, ip.is_ipv6(), id));
+            }
+            by_uplink.push(slots);
         }
         Ok(Uplinks {
             port,
@@ -160,14 +182,8 @@ impl Uplinks {
     /// The socket a peer's traffic leaves through: its uplink's (when of `to`'s family) or the
     /// wildcard socket of the family — the same choice as [`Uplinks::send_on`]/[`Uplinks::send`].
     fn socket_for(&self, via: Option<UplinkId>, to: SocketAddr) -> Option<&Socket> {
-        if let Some(u) = via {
-            let s = self
-                .by_uplink
-                .get(usize::from(u.0))
-                .and_then(|&i| self.sockets.get(i))?;
-            if s.v6 == to.is_ipv6() {
-                return Some(s);
-            }
+        if let Some(s) = via.and_then(|u| self.uplink_socket(u, to)) {
+            return Some(s);
         }
         self.sockets
             .iter()
@@ -205,7 +221,15 @@ impl Uplinks {
         }
     }
 
-    /// Sends through the socket of `uplink`.
+    /// The socket of `uplink` for `to`'s address family, if it has one.
+    #[inline]
+    fn uplink_socket(&self, uplink: UplinkId, to: SocketAddr) -> Option<&Socket> {
+        let i = self.by_uplink.get(usize::from(uplink.0))?[usize::from(to.is_ipv6())]?;
+        self.sockets.get(i)
+    }
+
+    /// Sends through the socket of `uplink` (of `to`'s family; the wildcard socket where the
+    /// uplink has none, as for a path the path agent would not build).
     #[inline]
     pub(crate) fn send_on(
         &self,
@@ -213,9 +237,12 @@ impl Uplinks {
         to: SocketAddr,
         buf: &[u8],
     ) -> io::Result<usize> {
-        match self.by_uplink.get(usize::from(uplink.0)) {
-            Some(&i) => self.send_via(i, to, buf),
-            None => Err(io::ErrorKind::AddrNotAvailable.into()),
+        if usize::from(uplink.0) >= self.by_uplink.len() {
+            return Err(io::ErrorKind::AddrNotAvailable.into());
+        }
+        match self.uplink_socket(uplink, to) {
+            Some(s) => s.sock.send_to(buf, to),
+            None => self.send(to, buf),
         }
     }
 

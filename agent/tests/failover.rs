@@ -40,14 +40,27 @@ fn uplinks_yaml(sat: &str, terr: &str, peer_key: &str, peer_sat: &str, peer_terr
          failover:\n  failback_hold_ms: {HOLD_MS}\n\
          peers:\n\
          - public_key: {peer_key}\n  endpoints:\n\
-         \x20 - addr: {peer_sat}:51820\n    priority: 0\n\
-         \x20 - addr: {peer_terr}:51820\n    priority: 1\n"
+         \x20 - addr: \"{peer_sat}\"\n    priority: 0\n\
+         \x20 - addr: \"{peer_terr}\"\n    priority: 1\n"
     )
 }
 
 /// Two agents with two uplinks each, peered, overlay 10.97.S.1 ↔ 10.97.S.2, traffic flowing.
 fn mesh(tag: &str, subnet: u8) -> Mesh {
+    mesh_on(tag, subnet, false)
+}
+
+/// [`mesh`] with the peers' candidate endpoints on the IPv6 (`v6`) or IPv4 underlay.
+fn mesh_on(tag: &str, subnet: u8, v6: bool) -> Mesh {
     let net = pair(tag, subnet);
+    // Underlay endpoint of host `h` (1 = a, 2 = b) on the link of `third` (see `pair`).
+    let ep = |third: u8, h: u8| {
+        if v6 {
+            format!("[fd00:{third}::{h}]:51820")
+        } else {
+            format!("198.18.{third}.{h}:51820")
+        }
+    };
     let dir = tmpdir();
     let ia = unique("sm5f");
     let ib = unique("sm5f");
@@ -57,11 +70,23 @@ fn mesh(tag: &str, subnet: u8) -> Mesh {
     let fb = dir.path().join("b.yaml");
     std::fs::write(
         &fa,
-        uplinks_yaml("sata", "terra", &kb.public, &net.sat.1, &net.terr.1),
+        uplinks_yaml(
+            "sata",
+            "terra",
+            &kb.public,
+            &ep(subnet, 2),
+            &ep(subnet + 1, 2),
+        ),
     )
     .expect("write");
     // b learns its peer's endpoints over the status socket extension instead of the file.
-    let b_yaml = uplinks_yaml("satb", "terrb", &ka.public, &net.sat.0, &net.terr.0);
+    let b_yaml = uplinks_yaml(
+        "satb",
+        "terrb",
+        &ka.public,
+        &ep(subnet, 1),
+        &ep(subnet + 1, 1),
+    );
     let b_yaml = &b_yaml[..b_yaml.find("peers:").expect("peers section")];
     std::fs::write(&fb, b_yaml).expect("write");
     let spawn = |ns: &Netns, iface: &str, file: &std::path::Path, metrics: Option<&str>| {
@@ -120,8 +145,10 @@ fn mesh(tag: &str, subnet: u8) -> Mesh {
         &ib,
         &format!(
             "{{\"set_peer_paths\":{{\"public_key\":\"{}\",\"endpoints\":[\
-             {{\"addr\":\"{}:51820\",\"priority\":0}},{{\"addr\":\"{}:51820\",\"priority\":1}}]}}}}",
-            ka.public, net.sat.0, net.terr.0
+             {{\"addr\":\"{}\",\"priority\":0}},{{\"addr\":\"{}\",\"priority\":1}}]}}}}",
+            ka.public,
+            ep(subnet, 1),
+            ep(subnet + 1, 1)
         ),
     );
     assert_eq!(set.trim(), "{\"errno\":0}");
@@ -322,6 +349,45 @@ fn sat_link_down_moves_traffic_to_terrestrial_within_one_second() {
     );
 }
 
+/// IPv6 underlay: an uplink bound to an interface has an IPv6 socket bound to it too, so a
+/// path to a peer's IPv6 endpoint leaves and arrives through its own uplink, is proven by
+/// probes, and fails over on a hard cut as the IPv4 paths do.
+#[test]
+fn ipv6_underlay_paths_are_proven_per_uplink_and_fail_over() {
+    require(&["ip", "wg", "ping"]);
+    let _g = lock();
+    let m = mesh_on("f6", 61, true);
+    for iface in [&m.ia, &m.ib] {
+        let p = m.peer_status(iface);
+        let active: Vec<_> = p["paths"]
+            .as_array()
+            .expect("paths")
+            .iter()
+            .filter(|x| x["active"] == true)
+            .collect();
+        assert_eq!(active.len(), 1, "{iface}: {p:#}");
+        assert_eq!(active[0]["uplink"], "sat", "{iface}: {p:#}");
+        assert!(
+            active[0]["remote"]
+                .as_str()
+                .is_some_and(|r| r.starts_with("[fd00:61::")),
+            "{iface}: {p:#}"
+        );
+        assert_eq!(active[0]["health"], "healthy", "{iface}: {p:#}");
+    }
+    let ping = m.ping(4);
+    std::thread::sleep(Duration::from_millis(1_500));
+    m.net.a.ip(&["link", "set", "sata", "down"]);
+    let gaps = ping.join().expect("ping thread");
+    let gap = gaps.longest_gap_ms();
+    eprintln!("IPv6 hard cut: longest gap {gap} ms ({})", gaps.text);
+    assert!(gap <= 1_000, "longest gap {gap} ms: {}", gaps.text);
+    for iface in [&m.ia, &m.ib] {
+        let p = m.peer_status(iface);
+        assert_eq!(p["active_uplink"], "terr", "{iface}: {p:#}");
+    }
+}
+
 /// Fetches http://ARGV1/metrics (never through a proxy) and prints the body.
 const FETCH_PY: &str = r#"
 import sys, urllib.request
@@ -459,7 +525,13 @@ fn stock_wireguard_go_peer_roams_against_a_multi_uplink_agent() {
     let other = genkey();
     std::fs::write(
         &fa,
-        uplinks_yaml("sata", "terra", &other.public, "198.18.57.9", "198.18.58.9"),
+        uplinks_yaml(
+            "sata",
+            "terra",
+            &other.public,
+            "198.18.57.9:51820",
+            "198.18.58.9:51820",
+        ),
     )
     .expect("write");
     let mut pa = net.a.spawn(

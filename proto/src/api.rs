@@ -62,6 +62,9 @@ pub struct RegisterResponse {
 /// controller must then be reached directly for this to be useful.
 pub const REFLEXIVE_UPLINK: &str = "reflexive";
 
+/// Most endpoints a node may announce (the controller refuses more).
+pub const MAX_ENDPOINTS: usize = 16;
+
 /// Body of `POST /api/v1/node/endpoints`: the node's uplinks as it sees them locally, and
 /// optionally the subnets it offers to route (replacing what it advertised before).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -12,7 +12,8 @@ mod signed;
 
 pub use api::{
     EndpointsReport, NodeState, PathHealth, PathReport, PeerStatus, RegisterRequest,
-    RegisterResponse, RotateKeyRequest, StatusReport, UplinkReport, REFLEXIVE_UPLINK,
+    RegisterResponse, RotateKeyRequest, StatusReport, UplinkReport, MAX_ENDPOINTS,
+    REFLEXIVE_UPLINK,
 };
 pub use delta::{
     diff, sign_delta, ApplyError, NetMapDelta, SignedDelta, StreamEvent, DELTA_SIGNING_CONTEXT,

@@ -4,7 +4,8 @@
 //! - `…c`: the controller on a bridge, 198.18.180.254/24; each node has a control link on it
 //!   (198.18.180.1 and .2);
 //! - `…a` and `…b`: two field units joined by two direct veth pairs, their uplinks:
-//!   `sat` (198.18.182.0/24, satellite, tier 0) and `terr` (198.19.182.0/24, terrestrial, tier 1).
+//!   `sat` (198.18.182.0/24 and fd00:182::/64, satellite, tier 0) and `terr` (198.19.182.0/24,
+//!   terrestrial, tier 1).
 //!
 //! Both nodes join with an enrollment key via `skymesh-agent run --config` whose `uplinks:`
 //! declare the two links and no `endpoints:` (derived from the uplinks). The controller
@@ -282,20 +283,20 @@ fn joined_field_units_fail_over_to_terrestrial_and_hq_sees_the_path() {
         ]);
         ip(&["-n", ns, "link", "set", "ctl", "up"]);
     }
-    for (link, net) in [("sat", "198.18.182"), ("terr", "198.19.182")] {
+    // The sat link is dual-stack (Starlink: CGNAT IPv4, public IPv6): its uplink announces both.
+    for (link, net, net6) in [
+        ("sat", "198.18.182", Some("fd00:182:")),
+        ("terr", "198.19.182", None),
+    ] {
         ip(&[
             "link", "add", link, "netns", &a, "type", "veth", "peer", "name", link, "netns", &b,
         ]);
         for (ns, host) in [(&a, "1"), (&b, "2")] {
-            ip(&[
-                "-n",
-                ns,
-                "addr",
-                "add",
-                &format!("{net}.{host}/24"),
-                "dev",
-                link,
-            ]);
+            let v4 = format!("{net}.{host}/24");
+            let v6 = net6.map(|p| format!("{p}:{host}/64"));
+            for addr in std::iter::once(v4).chain(v6) {
+                ip(&["-n", ns, "addr", "add", &addr, "dev", link, "nodad"]);
+            }
             ip(&["-n", ns, "link", "set", link, "up"]);
         }
     }
@@ -355,6 +356,7 @@ fn joined_field_units_fail_over_to_terrestrial_and_hq_sees_the_path() {
     let eps = a_node["endpoints"].as_array().expect("endpoints");
     for (uplink, addr, kind, prio) in [
         ("sat", "198.18.182.1:51820", "satellite", 0),
+        ("sat", "[fd00:182::1]:51820", "satellite", 0),
         ("terr", "198.19.182.1:51820", "terrestrial", 1),
     ] {
         assert!(

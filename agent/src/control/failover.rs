@@ -35,23 +35,28 @@ pub(crate) fn proto_kind(k: CoreKind) -> UplinkKind {
     }
 }
 
-/// The address an uplink is reached at: its source address, else the first global address
-/// of its interface (IPv4 preferred). `None` while the interface has no usable address.
-fn uplink_address(source: Option<IpAddr>, interface: Option<&str>) -> Option<IpAddr> {
+/// The addresses an uplink announces: its source address, or the interface's first usable
+/// IPv4 address and its first usable IPv6 address (not link-local). Both families matter on a
+/// satellite link: Starlink's IPv4 is carrier-grade NAT, its IPv6 is globally reachable.
+fn uplink_addresses(source: Option<IpAddr>, interface: Option<&str>) -> Vec<IpAddr> {
     if let Some(a) = source {
-        return Some(a);
+        return vec![a];
     }
-    let index = crate::sys::if_index(interface?).ok()?;
-    let mut nl = crate::netlink::Rtnl::open().ok()?;
-    let addrs = nl.addresses(index).ok()?;
+    let Some(addrs) = interface
+        .and_then(|i| crate::sys::if_index(i).ok())
+        .and_then(|index| crate::netlink::Rtnl::open().ok()?.addresses(index).ok())
+    else {
+        return Vec::new();
+    };
     let usable = |a: &&IpAddr| match a {
         IpAddr::V4(v4) => !v4.is_loopback() && !v4.is_link_local() && !v4.is_unspecified(),
         IpAddr::V6(v6) => {
             !v6.is_loopback() && (v6.segments()[0] & 0xffc0) != 0xfe80 && !v6.is_unspecified()
         }
     };
-    let first_v4 = addrs.iter().filter(usable).find(|a| a.is_ipv4()).copied();
-    first_v4.or_else(|| addrs.iter().find(usable).copied())
+    let v4 = addrs.iter().filter(usable).find(|a| a.is_ipv4());
+    let v6 = addrs.iter().filter(usable).find(|a| a.is_ipv6());
+    v4.into_iter().chain(v6).copied().collect()
 }
 
 /// The endpoints this node announces: `endpoints:` as configured (each given the tier of the
@@ -71,18 +76,27 @@ pub(crate) fn local_endpoints(settings: &RunSettings) -> Vec<Endpoint> {
         }
         return eps;
     }
-    uplinks
+    let eps: Vec<Endpoint> = uplinks
         .iter()
-        .filter_map(|u| {
-            let addr = uplink_address(u.source_address, u.interface.as_deref())?;
-            Some(Endpoint {
-                addr: SocketAddr::new(addr, settings.listen_port),
-                uplink: u.name.clone(),
-                kind: proto_kind(u.kind),
-                priority: Some(u.priority),
-            })
+        .flat_map(|u| {
+            uplink_addresses(u.source_address, u.interface.as_deref())
+                .into_iter()
+                .map(|addr| Endpoint {
+                    addr: SocketAddr::new(addr, settings.listen_port),
+                    uplink: u.name.clone(),
+                    kind: proto_kind(u.kind),
+                    priority: Some(u.priority),
+                })
         })
-        .collect()
+        .collect();
+    if eps.len() > skymesh_proto::MAX_ENDPOINTS {
+        tracing::warn!(
+            found = eps.len(),
+            "more uplink addresses than a node may announce; announcing the first {}",
+            skymesh_proto::MAX_ENDPOINTS
+        );
+    }
+    eps.into_iter().take(skymesh_proto::MAX_ENDPOINTS).collect()
 }
 
 /// Keeps the device's per-peer candidates in step with the netmap.

@@ -16,7 +16,7 @@ use super::AppState;
 use crate::error::{ApiError, ErrorBody};
 use crate::netmap;
 
-pub(super) const MAX_ENDPOINTS: usize = 16;
+pub(super) const MAX_ENDPOINTS: usize = skymesh_proto::MAX_ENDPOINTS;
 pub(super) const MAX_ROUTES: usize = 64;
 const MAX_STATUS_PEERS: usize = 4096;
 

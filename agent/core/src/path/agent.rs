@@ -19,6 +19,9 @@ const SEARCH_FAST_WINDOW: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone, Copy)]
 struct UplinkState {
     up: bool,
+    /// The address family the uplink is bound to (its `source_address`), `None` for both: an
+    /// uplink bound to an IPv4 source has no path to an IPv6 endpoint, and vice versa.
+    family_v6: Option<bool>,
     priority: u8,
     probe: ProbeTiming,
 }
@@ -70,6 +73,7 @@ impl PathAgent {
             .iter()
             .map(|u| UplinkState {
                 up: true,
+                family_v6: u.config.source_address.map(|a| a.is_ipv6()),
                 priority: u.config.priority,
                 probe: u.probe,
             })
@@ -98,9 +102,12 @@ impl PathAgent {
     pub fn set_remote_endpoints(&mut self, remotes: &[RemoteEndpoint], now: Instant) {
         let active_id = self.active.map(|i| self.paths[i].id);
         let mut old = std::mem::take(&mut self.paths);
-        for (u, _) in self.uplinks.iter().enumerate() {
+        for (u, uplink) in self.uplinks.iter().enumerate() {
             let Ok(u) = u8::try_from(u) else { break };
             for r in remotes {
+                if uplink.family_v6.is_some_and(|v6| v6 != r.addr.is_ipv6()) {
+                    continue; // no socket of that family on this uplink
+                }
                 let id = PathId {
                     uplink: UplinkId(u),
                     remote: r.addr,
@@ -749,6 +756,49 @@ mod tests {
         nonces.sort_unstable();
         nonces.dedup();
         assert_eq!(nonces.len(), 4);
+    }
+
+    #[test]
+    fn an_uplink_bound_to_a_source_address_only_pairs_with_endpoints_of_its_family() {
+        let t0 = Instant::now();
+        let uplink = |name: &str, source: Option<&str>| UplinkConfig {
+            name: name.into(),
+            interface: source.is_none().then(|| format!("{name}0")),
+            source_address: source.map(|s| s.parse().expect("addr")),
+            kind: UplinkKind::Terrestrial,
+            priority: 0,
+            probe: ProbeSettings::default(),
+        };
+        let cfg = PathConfig {
+            uplinks: vec![
+                uplink("v4", Some("198.18.0.2")),
+                uplink("v6", Some("fd00:1::2")),
+                uplink("dev", None),
+            ],
+            failover: Default::default(),
+        }
+        .validate()
+        .expect("valid");
+        let e4 = SocketAddr::from(([198, 18, 1, 1], 51820));
+        let e6: SocketAddr = "[fd00:2::1]:51820".parse().expect("addr");
+        let remotes = [
+            RemoteEndpoint {
+                addr: e4,
+                priority: 0,
+            },
+            RemoteEndpoint {
+                addr: e6,
+                priority: 0,
+            },
+        ];
+        let agent = PathAgent::new(&cfg, &remotes, 7, t0);
+        let mut paths: Vec<(u8, SocketAddr)> = agent
+            .path_stats()
+            .map(|p| (p.path.uplink.0, p.path.remote))
+            .collect();
+        paths.sort();
+        // The interface-bound uplink has a socket of each family; the others one.
+        assert_eq!(paths, vec![(0, e4), (1, e6), (2, e4), (2, e6)]);
     }
 
     #[test]
