@@ -456,6 +456,32 @@ fn joined_field_units_fail_over_to_terrestrial_and_hq_sees_the_path() {
         "failed back after {back:?}, before the {HOLD_MS} ms hold"
     );
     assert!(gap < Duration::from_secs(1), "fail-back gap {gap:?}");
+
+    // The carrier renumbers a's terrestrial uplink: the agent hears it from netlink and
+    // re-announces, so HQ (and through the netmap, b) has the new endpoint within a second or
+    // two, not at the next 5 s re-read.
+    // (Deleting a primary IPv4 address also deletes the secondaries of its subnet: delete first.)
+    ip(&["-n", &a, "addr", "del", "198.19.182.1/24", "dev", "terr"]);
+    ip(&["-n", &a, "addr", "add", "198.19.182.11/24", "dev", "terr"]);
+    let renumbered = Instant::now();
+    let (_, took) = wait_for(
+        Duration::from_secs(10),
+        "API: a's new terr endpoint",
+        || {
+            let node = api(&controller, &c, &format!("/api/v1/nodes/{a_id}"), None);
+            node["endpoints"]
+                .as_array()?
+                .iter()
+                .any(|e| e["uplink"] == "terr" && e["addr"] == "198.19.182.11:51820")
+                .then_some(())
+        },
+    );
+    eprintln!("terr renumbered: new endpoint in the API after {took:?}");
+    assert!(
+        renumbered.elapsed() < Duration::from_millis(2_500),
+        "re-announced only after {:?}",
+        renumbered.elapsed()
+    );
     eprintln!("scenario took {:?}", t_start.elapsed());
     drop((na, nb));
 }

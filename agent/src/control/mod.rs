@@ -43,7 +43,7 @@ const FIRST_REPORT_RETRY: Duration = Duration::from_secs(2);
 /// How often the reporter looks at the device's paths (a path switch is reported at once)
 /// and rewrites the control-status file `skymesh-agent status` reads.
 const PATH_POLL: Duration = Duration::from_secs(1);
-/// How often the uplinks' addresses are re-read (a change is re-reported to the controller).
+/// Fallback re-read of the uplinks' addresses; netlink notifications trigger one at once.
 const ADDRESS_POLL: Duration = Duration::from_secs(5);
 /// The uplinks file `run` writes for its device (`device --uplinks`), in the state dir.
 const UPLINKS_FILE: &str = "uplinks.yaml";
@@ -394,6 +394,16 @@ fn report_loop(
     let mut next_addresses = Instant::now();
     let mut endpoints = failover::local_endpoints(settings);
     let mut endpoints_sent = false;
+    // Address changes (a carrier renumbering the uplink, DHCP, SLAAC) are re-announced within
+    // one loop turn; the poll stays as a fallback for a lost notification.
+    let derived = settings.endpoints.is_empty() && settings.uplinks.is_some();
+    let mut addr_events = derived
+        .then(|| {
+            crate::netlink::LinkMonitor::open()
+                .map_err(|e| tracing::warn!(error = %e, "no address notifications; polling"))
+                .ok()
+        })
+        .flatten();
     let mut reported_paths = None;
     let mut status_file_ok = true;
     while !stop.load(Ordering::Relaxed) {
@@ -430,7 +440,15 @@ fn report_loop(
                 }
             }
         }
-        if settings.endpoints.is_empty() && settings.uplinks.is_some() && now >= next_addresses {
+        if let Some(m) = addr_events.as_mut() {
+            let mut changed = false;
+            let r = m.drain(|c| changed |= matches!(c, crate::netlink::LinkChange::Address { .. }));
+            // An overrun (ENOBUFS) lost notifications: look now.
+            if changed || r.is_err() {
+                next_addresses = now;
+            }
+        }
+        if derived && now >= next_addresses {
             next_addresses = now + ADDRESS_POLL;
             let fresh = failover::local_endpoints(settings);
             if fresh != endpoints {
