@@ -10,7 +10,7 @@ use ipnet::IpNet;
 use netlink_packet_core::{
     NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST,
 };
-use netlink_packet_route::address::{AddressAttribute, AddressMessage};
+use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressMessage};
 use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
@@ -103,7 +103,9 @@ impl Rtnl {
         self.request(RouteNetlinkMessage::DelRoute(route_message(index, net)), 0)
     }
 
-    /// The addresses on link `index` (`ip addr show dev IFACE`), in the kernel's order.
+    /// The addresses on link `index` a peer can be told to use, in the kernel's order: not
+    /// tentative (DAD running), DAD-failed, deprecated (leaving), nor an IPv6 temporary
+    /// (privacy) address or an IPv4 secondary.
     pub(crate) fn addresses(&mut self, index: u32) -> io::Result<Vec<IpAddr>> {
         self.seq = self.seq.wrapping_add(1);
         let mut nl =
@@ -131,7 +133,7 @@ impl Rtnl {
                             }
                         }
                         NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewAddress(m))
-                            if m.header.index == index =>
+                            if m.header.index == index && stable(&m) =>
                         {
                             if let Some(LinkChange::Address { addr, .. }) = address_change(&m, true)
                             {
@@ -289,6 +291,26 @@ fn link_change(msg: RouteNetlinkMessage) -> Option<LinkChange> {
         RouteNetlinkMessage::DelAddress(m) => address_change(&m, false),
         _ => None,
     }
+}
+
+/// Whether an address is fit to announce (see [`Rtnl::addresses`]). The header holds the low
+/// eight flag bits; `IFA_FLAGS`, when present, all of them.
+fn stable(m: &AddressMessage) -> bool {
+    let flags = m
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            AddressAttribute::Flags(f) => Some(*f),
+            _ => None,
+        })
+        .unwrap_or_else(|| AddressFlags::from_bits_retain(u32::from(m.header.flags.bits())));
+    // IFA_F_SECONDARY is IFA_F_TEMPORARY for IPv6.
+    !flags.intersects(
+        AddressFlags::Tentative
+            | AddressFlags::Dadfailed
+            | AddressFlags::Deprecated
+            | AddressFlags::Secondary,
+    )
 }
 
 fn address_change(m: &AddressMessage, added: bool) -> Option<LinkChange> {

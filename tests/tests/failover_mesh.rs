@@ -297,6 +297,22 @@ fn joined_field_units_fail_over_to_terrestrial_and_hq_sees_the_path() {
             for addr in std::iter::once(v4).chain(v6) {
                 ip(&["-n", ns, "addr", "add", &addr, "dev", link, "nodad"]);
             }
+            // A deprecated address (being renumbered away), listed before the good one: it
+            // must not be announced.
+            if let Some(p) = net6.filter(|_| host == "1") {
+                ip(&[
+                    "-n",
+                    ns,
+                    "addr",
+                    "add",
+                    &format!("{p}:99/64"),
+                    "dev",
+                    link,
+                    "nodad",
+                    "preferred_lft",
+                    "0",
+                ]);
+            }
             ip(&["-n", ns, "link", "set", link, "up"]);
         }
     }
@@ -367,6 +383,10 @@ fn joined_field_units_fail_over_to_terrestrial_and_hq_sees_the_path() {
             "endpoint {uplink} missing: {eps:?}"
         );
     }
+    assert!(
+        !eps.iter().any(|e| e["addr"] == "[fd00:182::99]:51820"),
+        "a deprecated address was announced: {eps:?}"
+    );
     for n in [&na, &nb] {
         let t0 = Instant::now();
         // With traffic: a follower takes the path the chooser's data arrives on.
