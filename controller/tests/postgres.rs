@@ -9,14 +9,13 @@
 
 mod common;
 
-use std::collections::HashSet;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::http::{header, Method, Request, StatusCode};
-use common::{wg_key, TestController};
+use common::TestController;
 use http_body_util::BodyExt as _;
-use serde_json::{json, Value};
+use serde_json::json;
 use skymesh_proto::{NetMap, StreamEvent};
 use tower::ServiceExt as _;
 
@@ -30,60 +29,7 @@ async fn one_hundred_concurrent_registrations_across_two_replicas_get_distinct_a
         .enrollment_key(json!({"reusable": true, "max_uses": 100, "auto_approve": true}))
         .await;
     // 110 attempts for 100 uses, alternating replicas, all in flight at once.
-    let mut tasks = Vec::new();
-    for i in 0..110u32 {
-        let app = if i % 2 == 0 { a.app() } else { b.app() };
-        let key = key.clone();
-        tasks.push(tokio::spawn(async move {
-            let body =
-                json!({"enrollment_key": key, "public_key": wg_key(i), "name": format!("n{i}")});
-            let req = Request::builder()
-                .method(Method::POST)
-                .uri("/api/v1/register")
-                .header(header::CONTENT_TYPE, "application/json")
-                .body(Body::from(body.to_string()))
-                .expect("req");
-            let resp = app.oneshot(req).await.expect("infallible");
-            let status = resp.status();
-            let bytes = resp.into_body().collect().await.expect("body").to_bytes();
-            (
-                status,
-                serde_json::from_slice::<Value>(&bytes).expect("json"),
-            )
-        }));
-    }
-    let (mut v4, mut v6, mut ids, mut refused) =
-        (HashSet::new(), HashSet::new(), HashSet::new(), 0);
-    for t in tasks {
-        let (status, body) = t.await.expect("task");
-        match status {
-            StatusCode::CREATED => {
-                let addrs = body["addresses"].as_array().expect("addresses");
-                assert!(
-                    v4.insert(addrs[0].as_str().expect("v4").to_owned()),
-                    "dup v4 {body}"
-                );
-                assert!(
-                    v6.insert(addrs[1].as_str().expect("v6").to_owned()),
-                    "dup v6 {body}"
-                );
-                assert!(
-                    ids.insert(body["node_id"].as_u64().expect("id")),
-                    "dup id {body}"
-                );
-            }
-            StatusCode::FORBIDDEN => {
-                assert_eq!(body["error"]["code"], "enrollment_key_used_up");
-                refused += 1;
-            }
-            other => panic!("unexpected {other}: {body}"),
-        }
-    }
-    assert_eq!((v4.len(), refused), (100, 10));
-    let expected: HashSet<String> = (1..=100u32)
-        .map(|i| format!("10.77.{}.{}/16", i / 256, i % 256))
-        .collect();
-    assert_eq!(v4, expected, "dense, no gaps from refused attempts");
+    common::race_registrations_for_100_uses(&[a.app(), b.app()], &key).await;
     for tc in [&a, &b] {
         let keys = tc.admin(Method::GET, "/api/v1/enrollment-keys", None).await;
         assert_eq!(keys.body[0]["uses"], 100);

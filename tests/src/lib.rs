@@ -126,6 +126,30 @@ impl Controller {
         cmd
     }
 
+    /// One admin API call through `curl` in `ns`: `method` on `path` with an optional JSON
+    /// body; the JSON answer, or `Null` when the body is not JSON.
+    pub fn api(
+        &self,
+        ns: &str,
+        method: &str,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> serde_json::Value {
+        let mut cmd = self.curl(Some(ns));
+        cmd.args([
+            "-sS",
+            "-X",
+            method,
+            "-H",
+            &format!("Authorization: Bearer {}", self.admin_token),
+        ]);
+        if let Some(b) = body {
+            cmd.args(["-H", "content-type: application/json", "-d", &b.to_string()]);
+        }
+        cmd.arg(format!("{}{path}", self.url));
+        serde_json::from_str(&run(&mut cmd)).unwrap_or(serde_json::Value::Null)
+    }
+
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -148,6 +172,63 @@ pub fn in_ns(ns: Option<&str>, program: impl AsRef<std::ffi::OsStr>) -> Command 
         }
         None => Command::new(program),
     }
+}
+
+/// Runs `cmd`; panics with its stderr unless it succeeds; returns its stdout.
+pub fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("spawn");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `ip ARGS…`, which must succeed.
+pub fn ip(args: &[&str]) {
+    run(Command::new("ip").args(args));
+}
+
+/// Whether the test runs as root (namespaces, TUN); the e2e tests skip otherwise.
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .map(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+/// Polls `f` every 50 ms until it returns `Some` or `limit` passes (then panics naming
+/// `what`); returns the value and the time it took.
+pub fn wait_for<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> (T, Duration) {
+    let t0 = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return (v, t0.elapsed());
+        }
+        assert!(
+            t0.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// [`wait_for`] a condition; returns the time it took.
+pub fn wait_until(limit: Duration, what: &str, mut f: impl FnMut() -> bool) -> Duration {
+    wait_for(limit, what, || f().then_some(())).1
+}
+
+/// One ping from netns `ns` to `dst` (1 s timeout): whether it was answered.
+pub fn ping_once(ns: &str, dst: &str) -> bool {
+    Command::new("ip")
+        .args(["netns", "exec", ns, "ping", "-c", "1", "-W", "1", dst])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 /// Percentile (0..=100) of a sorted slice.

@@ -19,34 +19,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use skymesh_e2e::{binary, in_ns, Controller};
+use skymesh_e2e::{binary, in_ns, ip, is_root, ping_once, run, wait_for, Controller};
 
 /// Fail-back hold of the test agents (the product default is 30 s).
 const HOLD_MS: u64 = 3_000;
 const CONTROLLER: &str = "198.18.180.254:18480";
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().expect("spawn");
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn ip(args: &[&str]) {
-    run(Command::new("ip").args(args));
-}
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .map(|s| {
-            s.lines()
-                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
-        })
-        .unwrap_or(false)
-}
 
 /// Kills every process in the namespaces, deletes them and the agents' socket files.
 struct Cleanup {
@@ -90,30 +67,6 @@ impl Drop for Cleanup {
             let _ = std::fs::remove_file(format!("/var/run/skymesh/{i}.control.json"));
         }
     }
-}
-
-/// Polls `f` every 50 ms until it returns `Some` or `limit` passes.
-fn wait_for<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> (T, Duration) {
-    let t0 = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return (v, t0.elapsed());
-        }
-        assert!(
-            t0.elapsed() < limit,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn ping_once(ns: &str, dst: &str) -> bool {
-    Command::new("ip")
-        .args(["netns", "exec", ns, "ping", "-c", "1", "-W", "1", dst])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
 }
 
 /// A 100 pps ping for `secs` seconds: (longest gap between replies, sent, received).
@@ -206,23 +159,9 @@ impl Drop for Node {
     }
 }
 
-fn api(c: &Controller, ns: &str, path: &str, body: Option<Value>) -> Value {
-    let mut cmd = c.curl(Some(ns));
-    cmd.args([
-        "-sS",
-        "-H",
-        &format!("Authorization: Bearer {}", c.admin_token),
-    ]);
-    if let Some(b) = body {
-        cmd.args(["-H", "content-type: application/json", "-d", &b.to_string()]);
-    }
-    cmd.arg(format!("{}{path}", c.url));
-    serde_json::from_str(&run(&mut cmd)).unwrap_or(Value::Null)
-}
-
 /// What the controller shows for `node`'s path to its peer: (uplink, kind).
 fn api_path(c: &Controller, ns: &str, node: u64) -> Option<(String, String)> {
-    let d = api(c, ns, &format!("/api/v1/nodes/{node}"), None);
+    let d = c.api(ns, "GET", &format!("/api/v1/nodes/{node}"), None);
     let p = &d["seen"]["status"]["peers"][0];
     Some((
         p["uplink"].as_str()?.to_string(),
@@ -333,11 +272,11 @@ fn joined_field_units_fail_over_to_terrestrial_and_hq_sees_the_path() {
             .then_some(())
     });
     let controller = Controller::start(Some(&c), CONTROLLER).expect("controller");
-    let key = api(
-        &controller,
+    let key = controller.api(
         &c,
+        "POST",
         "/api/v1/enrollment-keys",
-        Some(json!({"reusable": true, "auto_approve": true, "tags": ["field"]})),
+        Some(&json!({"reusable": true, "auto_approve": true, "tags": ["field"]})),
     )["key"]
         .as_str()
         .expect("enrollment key")
@@ -357,7 +296,7 @@ fn joined_field_units_fail_over_to_terrestrial_and_hq_sees_the_path() {
     let (_, took) = wait_for(limit, "a→b ping", || ping_once(&a, &b4).then_some(()));
     eprintln!("a→b overlay ping {took:?} after both had addresses");
     // Endpoints came from the uplinks (with tiers), and both ends prove the sat path.
-    let nodes = api(&controller, &c, "/api/v1/nodes", None);
+    let nodes = controller.api(&c, "GET", "/api/v1/nodes", None);
     let id = |name: &str| {
         nodes
             .as_array()
@@ -368,7 +307,7 @@ fn joined_field_units_fail_over_to_terrestrial_and_hq_sees_the_path() {
             .expect("node id")
     };
     let (a_id, b_id) = (id("field-a"), id("field-b"));
-    let a_node = api(&controller, &c, &format!("/api/v1/nodes/{a_id}"), None);
+    let a_node = controller.api(&c, "GET", &format!("/api/v1/nodes/{a_id}"), None);
     let eps = a_node["endpoints"].as_array().expect("endpoints");
     for (uplink, addr, kind, prio) in [
         ("sat", "198.18.182.1:51820", "satellite", 0),
@@ -434,7 +373,7 @@ fn joined_field_units_fail_over_to_terrestrial_and_hq_sees_the_path() {
     assert!(sent > 150, "the ping ran ({sent} sent)");
     assert!(gap < Duration::from_secs(1), "failover gap {gap:?} ≥ 1 s");
     assert_eq!(na.active_uplink().as_deref(), Some("terr"));
-    let d = api(&controller, &c, &format!("/api/v1/nodes/{a_id}"), None);
+    let d = controller.api(&c, "GET", &format!("/api/v1/nodes/{a_id}"), None);
     let peer = &d["seen"]["status"]["peers"][0];
     assert_eq!(peer["node_id"], b_id, "{d:#}");
     assert!(peer["switch_count"].as_u64() >= Some(1), "{d:#}");
@@ -488,7 +427,7 @@ fn joined_field_units_fail_over_to_terrestrial_and_hq_sees_the_path() {
         Duration::from_secs(10),
         "API: a's new terr endpoint",
         || {
-            let node = api(&controller, &c, &format!("/api/v1/nodes/{a_id}"), None);
+            let node = controller.api(&c, "GET", &format!("/api/v1/nodes/{a_id}"), None);
             node["endpoints"]
                 .as_array()?
                 .iter()

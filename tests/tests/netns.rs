@@ -12,24 +12,12 @@
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{json, Value};
-use skymesh_e2e::{binary, in_ns, Controller, TlsFiles};
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().expect("spawn");
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn ip(args: &[&str]) {
-    run(Command::new("ip").args(args));
-}
+use skymesh_e2e::{
+    binary, in_ns, ip, is_root, ping_once as ping, run, wait_until, Controller, TlsFiles,
+};
 
 /// On a failing test, prints the agents' logs (they live in a temp dir about to be removed).
 struct LogsOnPanic(PathBuf);
@@ -73,39 +61,6 @@ impl Drop for Namespaces {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
     }
-}
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .map(|s| {
-            s.lines()
-                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
-        })
-        .unwrap_or(false)
-}
-
-/// Polls `f` every 50 ms until it holds or `limit` passes; returns the time it took.
-fn wait_until(limit: Duration, what: &str, mut f: impl FnMut() -> bool) -> Duration {
-    let t0 = Instant::now();
-    loop {
-        if f() {
-            return t0.elapsed();
-        }
-        assert!(
-            t0.elapsed() < limit,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn ping(ns: &str, dst: &str) -> bool {
-    Command::new("ip")
-        .args(["netns", "exec", ns, "ping", "-c", "1", "-W", "1", dst])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
 }
 
 fn wg_peers(iface: &str) -> Vec<String> {
@@ -224,22 +179,6 @@ impl Drop for Agent {
     }
 }
 
-fn api(c: &Controller, ns: &str, method: &str, path: &str, body: Option<Value>) -> Value {
-    let mut cmd = c.curl(Some(ns));
-    cmd.args([
-        "-sS",
-        "-X",
-        method,
-        "-H",
-        &format!("Authorization: Bearer {}", c.admin_token),
-    ]);
-    if let Some(b) = body {
-        cmd.args(["-H", "content-type: application/json", "-d", &b.to_string()]);
-    }
-    cmd.arg(format!("{}{path}", c.url));
-    serde_json::from_str(&run(&mut cmd)).unwrap_or(Value::Null)
-}
-
 #[test]
 fn agents_join_mesh_route_revoke_and_survive_the_controller_going_away() {
     if !is_root() {
@@ -326,33 +265,26 @@ fn agents_join_mesh_route_revoke_and_survive_the_controller_going_away() {
     let mut controller =
         Controller::start_with(Some(&hub), "198.18.0.1:18443", Some(&tls)).expect("controller");
     let url = controller.url.clone();
-    let one_off = api(
-        &controller,
+    let one_off = controller.api(
         &hub,
         "POST",
         "/api/v1/enrollment-keys",
-        Some(json!({"auto_approve": true})),
+        Some(&json!({"auto_approve": true})),
     )["key"]
         .as_str()
         .expect("key")
         .to_string();
-    let reusable = api(
-        &controller,
+    let reusable = controller.api(
         &hub,
         "POST",
         "/api/v1/enrollment-keys",
-        Some(json!({"reusable": true, "auto_approve": true})),
+        Some(&json!({"reusable": true, "auto_approve": true})),
     )["key"]
         .as_str()
         .expect("key")
         .to_string();
-    let pending_key = api(
-        &controller,
-        &hub,
-        "POST",
-        "/api/v1/enrollment-keys",
-        Some(json!({})),
-    )["key"]
+    let pending_key = controller.api(&hub, "POST", "/api/v1/enrollment-keys", Some(&json!({})))
+        ["key"]
         .as_str()
         .expect("key")
         .to_string();
@@ -413,7 +345,7 @@ fn agents_join_mesh_route_revoke_and_survive_the_controller_going_away() {
 
     // Revoke b: every other agent drops it.
     let b_key = b.public_key();
-    let nodes = api(&controller, &hub, "GET", "/api/v1/nodes", None);
+    let nodes = controller.api(&hub, "GET", "/api/v1/nodes", None);
     let b_id = nodes
         .as_array()
         .expect("nodes")
@@ -422,13 +354,7 @@ fn agents_join_mesh_route_revoke_and_survive_the_controller_going_away() {
         .and_then(|n| n["id"].as_u64())
         .expect("b id");
     assert!(wg_peers(&a.iface).contains(&b_key));
-    api(
-        &controller,
-        &hub,
-        "POST",
-        &format!("/api/v1/nodes/{b_id}/revoke"),
-        None,
-    );
+    controller.api(&hub, "POST", &format!("/api/v1/nodes/{b_id}/revoke"), None);
     let took = wait_until(Duration::from_secs(3), "b removed from a and e", || {
         !wg_peers(&a.iface).contains(&b_key) && !wg_peers(&e.iface).contains(&b_key)
     });

@@ -238,3 +238,64 @@ impl TestController {
             .expect("signature verifies")
     }
 }
+
+/// 110 registrations with one key limited to 100 uses, all in flight at once, spread over
+/// `apps` (replicas) in turn. Asserts that exactly 100 succeed with distinct node ids and
+/// distinct addresses, exactly hosts 1..=100 of the default overlay (dense, no gaps from the
+/// refused attempts), and that the other 10 are refused as `enrollment_key_used_up`.
+pub async fn race_registrations_for_100_uses(apps: &[Router], key: &str) {
+    let mut tasks = Vec::new();
+    for i in 0..110u32 {
+        let app = apps[i as usize % apps.len()].clone();
+        let body = json!({"enrollment_key": key, "public_key": wg_key(i), "name": format!("n{i}")});
+        tasks.push(tokio::spawn(async move {
+            let req = Request::builder()
+                .method(Method::POST)
+                .uri("/api/v1/register")
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from(body.to_string()))
+                .expect("req");
+            let resp = app.oneshot(req).await.expect("infallible");
+            let status = resp.status();
+            let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+            (
+                status,
+                serde_json::from_slice::<Value>(&bytes).expect("json"),
+            )
+        }));
+    }
+    let mut v4 = std::collections::HashSet::new();
+    let mut v6 = std::collections::HashSet::new();
+    let mut ids = std::collections::HashSet::new();
+    let mut refused = 0;
+    for t in tasks {
+        let (status, body) = t.await.expect("task");
+        match status {
+            StatusCode::CREATED => {
+                let addrs = body["addresses"].as_array().expect("addresses");
+                assert!(
+                    v4.insert(addrs[0].as_str().expect("v4").to_owned()),
+                    "dup v4 {body}"
+                );
+                assert!(
+                    v6.insert(addrs[1].as_str().expect("v6").to_owned()),
+                    "dup v6 {body}"
+                );
+                assert!(
+                    ids.insert(body["node_id"].as_u64().expect("id")),
+                    "dup id {body}"
+                );
+            }
+            StatusCode::FORBIDDEN => {
+                assert_eq!(body["error"]["code"], "enrollment_key_used_up");
+                refused += 1;
+            }
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    assert_eq!((v4.len(), refused), (100, 10));
+    let expected: std::collections::HashSet<String> = (1..=100u32)
+        .map(|i| format!("10.77.{}.{}/16", i / 256, i % 256))
+        .collect();
+    assert_eq!(v4, expected, "dense, no gaps from refused attempts");
+}
