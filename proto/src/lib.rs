@@ -9,6 +9,7 @@ mod delta;
 mod keys;
 mod netmap;
 mod signed;
+pub mod stun;
 
 pub use api::{
     EndpointsReport, NodeState, PathHealth, PathReport, PeerStatus, RegisterRequest,

@@ -4,6 +4,7 @@
 pub mod allowed_ips;
 pub mod candidates;
 pub mod control;
+pub mod discovery;
 pub mod key;
 pub mod offload;
 pub mod path;
