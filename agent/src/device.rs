@@ -23,12 +23,14 @@ use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 use skymesh_agent_core::allowed_ips::AllowedIps;
+use skymesh_agent_core::discovery::Discovery;
 use skymesh_agent_core::key::Key;
 use skymesh_agent_core::offload::{finish_checksum, Offload, VnetHdr, VNET_HDR_LEN};
 use skymesh_agent_core::path::{
     LinkState, PathAgent, PathEvent, PathId, ProbeMessage, RemoteEndpoint, Role, UplinkId,
 };
 use skymesh_agent_core::uapi::{errno, DeviceInfo, PeerChange, PeerInfo, SetRequest, Setting};
+use skymesh_proto::stun;
 
 use crate::fastpath::{FastStats, RxBatch, TxBufs, GSO_MAX_BYTES, GSO_MAX_SEGS, MAX_SEGS};
 use crate::netlink::{self, LinkChange, LinkMonitor};
@@ -79,6 +81,8 @@ pub(crate) enum Command {
     },
     /// Path and uplink status for `skymesh-agent status` and metrics.
     Status(SyncSender<StatusReport>),
+    /// The STUN reflectors endpoint discovery asks (an empty list stops it).
+    SetStunServers(Vec<SocketAddr>),
 }
 
 /// Counters of dropped input, kept per device; logged at shutdown and on demand.
@@ -162,6 +166,8 @@ pub(crate) struct Device {
     /// the report shows).
     status_allocs: u64,
     failover: Option<Failover>,
+    /// Reflexive address and NAT kind of every uplink socket (STUN on the WireGuard sockets).
+    discovery: Discovery,
 }
 
 /// Failover state shared by all managed peers.
@@ -236,6 +242,7 @@ impl Device {
         epoll.add(tun.raw_fd(), TOKEN_TUN)?;
         epoll.add(ctl.raw_fd(), TOKEN_CTL)?;
         epoll.add(signals.raw_fd(), TOKEN_SIGNAL)?;
+        let discovery = Discovery::new(&uplinks.discovery_sockets(), nonce_seed());
         let dev = Device {
             iface: iface.to_owned(),
             tun,
@@ -259,6 +266,7 @@ impl Device {
             rxb: RxBatch::new(offload.uso),
             fast: FastStats::default(),
             status_allocs: 0,
+            discovery,
             failover,
         };
         dev.register_uplinks()?;
@@ -284,6 +292,7 @@ impl Device {
                 next_tick = now + TICK;
             }
             self.drive_paths(now);
+            self.drive_discovery(now);
             let wake = match self.failover.as_ref().and_then(|f| f.deadline) {
                 Some(d) => d.min(next_tick),
                 None => next_tick,
@@ -333,6 +342,10 @@ impl Device {
                 }
                 Command::Status(reply) => {
                     let _ = reply.send(self.status());
+                }
+                Command::SetStunServers(servers) => {
+                    self.discovery.set_servers(&servers, Instant::now());
+                    self.drive_discovery(Instant::now());
                 }
             }
         }
@@ -521,6 +534,13 @@ impl Device {
 
     fn handle_datagram(&mut self, uplink: usize, datagram: &[u8], src: SocketAddr) {
         let n = datagram.len();
+        // STUN answers share the socket (one byte compare for transport data).
+        if datagram.first() != Some(&MSG_DATA) && stun::is_stun(datagram) {
+            if !self.discovery.handle_response(src, datagram) {
+                self.drops.malformed += 1;
+            }
+            return;
+        }
         let slot = match Tunn::parse_incoming_packet(datagram) {
             Err(_) => {
                 self.drops.malformed += 1;
@@ -1119,6 +1139,24 @@ impl Device {
         0
     }
 
+    /// Sends the STUN requests endpoint discovery has due (at most a few per socket per
+    /// 20 s; checked on every wake-up, so within one WireGuard tick of being due).
+    fn drive_discovery(&mut self, now: Instant) {
+        if self.discovery.poll_timeout().is_none_or(|t| t > now) {
+            return;
+        }
+        self.discovery.handle_timeout(now);
+        while let Some(t) = self.discovery.poll_transmit(&mut self.tx_buf, now) {
+            if self
+                .uplinks
+                .send_via(t.socket, t.to, &self.tx_buf[..t.len])
+                .is_err()
+            {
+                self.drops.io_errors += 1;
+            }
+        }
+    }
+
     /// Runs due path-agent timers (called from the event loop on every wake-up).
     fn drive_paths(&mut self, now: Instant) {
         let Some(f) = self.failover.as_mut() else {
@@ -1211,6 +1249,12 @@ impl Device {
                     });
                 }
             }
+        }
+        if changes
+            .iter()
+            .any(|c| matches!(c, LinkChange::Address { .. }))
+        {
+            self.discovery.rediscover(Instant::now());
         }
         let mut events = Vec::new();
         for c in &changes {
@@ -1339,12 +1383,28 @@ impl Device {
             tun_writes: fast.tun_writes,
             gro_merged: fast.gro_merged,
         };
+        let discovery = self
+            .discovery
+            .mappings()
+            .map(|m| paths::DiscoveryStatus {
+                uplink: self
+                    .uplinks
+                    .uplink_of(m.socket)
+                    .and_then(|u| names.get(usize::from(u.0)))
+                    .cloned()
+                    .unwrap_or_default(),
+                ipv6: self.uplinks.is_v6(m.socket),
+                reflexive: m.reflexive,
+                nat: m.nat.as_str().to_owned(),
+            })
+            .collect();
         let report = StatusReport {
             iface: self.iface.clone(),
             listen_port: self.uplinks.port(),
             uplinks,
             peers,
             dataplane,
+            discovery,
         };
         self.status_allocs += sys::thread_allocations() - allocs_before;
         report

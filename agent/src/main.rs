@@ -153,11 +153,13 @@ impl RunFlags {
             rotate_every: self
                 .rotate_key_every_secs
                 .map(std::time::Duration::from_secs),
-            uplinks: self
-                .uplinks
-                .as_deref()
-                .map(control::config::load_uplinks_file)
-                .transpose()?,
+            uplinks: Some(
+                self.uplinks
+                    .as_deref()
+                    .map(control::config::load_uplinks_file)
+                    .transpose()?
+                    .unwrap_or_else(control::failover::routed_uplinks),
+            ),
         })
     }
 }
@@ -243,7 +245,10 @@ impl RunArgs {
             ca: c.controller.ca.clone(),
             allow_http: c.controller.allow_http,
             rotate_every: c.rotate_key_every_secs.map(std::time::Duration::from_secs),
-            uplinks: c.path_config()?,
+            uplinks: Some(
+                c.path_config()?
+                    .unwrap_or_else(control::failover::routed_uplinks),
+            ),
         };
         let dir = control::state::StateDir::open(&c.state_dir)?;
         if dir.load_state()?.is_none() {

@@ -107,6 +107,19 @@ impl Rtnl {
     /// tentative (DAD running), DAD-failed, deprecated (leaving), nor an IPv6 temporary
     /// (privacy) address or an IPv4 secondary.
     pub(crate) fn addresses(&mut self, index: u32) -> io::Result<Vec<IpAddr>> {
+        Ok(self
+            .dump_addresses(Some(index))?
+            .into_iter()
+            .map(|(_, a)| a)
+            .collect())
+    }
+
+    /// Like [`Rtnl::addresses`], of every link: `(link index, address)`.
+    pub(crate) fn all_addresses(&mut self) -> io::Result<Vec<(u32, IpAddr)>> {
+        self.dump_addresses(None)
+    }
+
+    fn dump_addresses(&mut self, index: Option<u32>) -> io::Result<Vec<(u32, IpAddr)>> {
         self.seq = self.seq.wrapping_add(1);
         let mut nl =
             NetlinkMessage::from(RouteNetlinkMessage::GetAddress(AddressMessage::default()));
@@ -133,11 +146,11 @@ impl Rtnl {
                             }
                         }
                         NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewAddress(m))
-                            if m.header.index == index && stable(&m) =>
+                            if index.is_none_or(|i| m.header.index == i) && stable(&m) =>
                         {
                             if let Some(LinkChange::Address { addr, .. }) = address_change(&m, true)
                             {
-                                out.push(addr);
+                                out.push((m.header.index, addr));
                             }
                         }
                         _ => {}

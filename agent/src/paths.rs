@@ -176,6 +176,22 @@ pub(crate) struct StatusReport {
     /// Packet-path offloads and counters (absent from older agents).
     #[serde(default)]
     pub(crate) dataplane: DataplaneStatus,
+    /// Endpoint discovery per uplink socket (absent from older agents).
+    #[serde(default)]
+    pub(crate) discovery: Vec<DiscoveryStatus>,
+}
+
+/// What STUN showed one uplink socket: the address the carrier's NAT maps it to (announced
+/// to peers) and how that NAT maps.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct DiscoveryStatus {
+    pub(crate) uplink: String,
+    pub(crate) ipv6: bool,
+    /// Absent while unknown, and for an endpoint-dependent ("hard") NAT.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) reflexive: Option<SocketAddr>,
+    /// `unknown`, `endpoint-independent` or `endpoint-dependent`.
+    pub(crate) nat: String,
 }
 
 /// What the fast path runs with and has done (see `fastpath.rs`).

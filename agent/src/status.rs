@@ -11,6 +11,9 @@
 //!   extension for processes that drive the device from outside, e.g. from a netmap; an
 //!   empty list returns the peer to standard roaming). Bad requests get `{"error":"…"}`
 //!   and change nothing.
+//! - `{"set_stun_servers":{"servers":["198.18.0.1:3478","198.18.0.1:3479"]}}` → `{"errno":0}`:
+//!   the STUN reflectors endpoint discovery asks from every uplink socket (at most
+//!   [`MAX_STUN_SERVERS`]; an empty list stops discovery).
 
 use std::fmt::Write as _;
 use std::io::{self, BufRead as _, BufReader, Read as _, Write as _};
@@ -32,6 +35,8 @@ use crate::paths::StatusReport;
 use crate::sys::EventFd;
 
 pub(crate) const STATUS_DIR: &str = "/var/run/skymesh";
+/// Most STUN reflectors a device takes.
+pub(crate) const MAX_STUN_SERVERS: usize = skymesh_agent_core::discovery::MAX_SERVERS;
 
 pub(crate) fn socket_path(iface: &str) -> PathBuf {
     Path::new(STATUS_DIR).join(format!("{iface}.status"))
@@ -99,6 +104,9 @@ enum Request {
         public_key: String,
         endpoints: Vec<EndpointJson>,
     },
+    SetStunServers {
+        servers: Vec<SocketAddr>,
+    },
 }
 
 #[derive(Debug, Deserialize)]
@@ -119,6 +127,22 @@ fn answer(line: &str, tx: &Sender<Command>, wake: &EventFd) -> String {
         Err(e) => return error_json(&format!("bad request: {e}")),
     };
     match req {
+        Request::SetStunServers { servers } => {
+            if servers.len() > MAX_STUN_SERVERS {
+                return error_json(&format!(
+                    "set_stun_servers.servers: {} given, at most {MAX_STUN_SERVERS}",
+                    servers.len()
+                ));
+            }
+            match tx
+                .send(Command::SetStunServers(servers))
+                .map_err(|_| io::Error::other("data plane stopped"))
+                .and_then(|()| wake.notify())
+            {
+                Ok(()) => serde_json::json!({ "errno": 0 }).to_string(),
+                Err(e) => error_json(&e.to_string()),
+            }
+        }
         Request::Status => match snapshot(tx, wake) {
             Ok(r) => serde_json::to_string(&r).unwrap_or_default(),
             Err(e) => error_json(&e.to_string()),

@@ -5,7 +5,9 @@
 //! source address; every socket then has `SO_REUSEADDR` so they can share the port, and the
 //! kernel delivers a datagram to the socket bound to the device it arrived on. A datagram's
 //! socket therefore tells which uplink it came in on, and sending through an uplink's socket
-//! makes it leave through that uplink.
+//! makes it leave through that uplink. One uplink may have neither interface nor source
+//! address: it is the wildcard sockets themselves (routing decides), which is what `run` uses
+//! when no uplink is declared, so every node gets path selection over its peers' candidates.
 
 use std::cell::Cell;
 use std::io;
@@ -65,6 +67,8 @@ pub(crate) struct Uplinks {
     /// to a source address has a socket of that family only; one bound to an interface alone
     /// has both (IPv6 where the host has it), so its IPv6 paths leave through it too.
     by_uplink: Vec<[Option<usize>; 2]>,
+    /// The uplink without interface or source address, if any: it owns the wildcard sockets.
+    routed: Option<UplinkId>,
 }
 
 impl Uplinks {
@@ -92,6 +96,7 @@ impl Uplinks {
             Err(e) => tracing::warn!(error = %e, "no IPv6 UDP socket; IPv4 underlay only"),
         }
         let mut by_uplink = Vec::with_capacity(uplinks.len());
+        let mut routed = None;
         for (i, u) in uplinks.iter().enumerate() {
             let err = |e: io::Error| {
                 io::Error::new(
@@ -106,11 +111,18 @@ impl Uplinks {
                     IpAddr::V4(Ipv4Addr::UNSPECIFIED),
                     IpAddr::V6(Ipv6Addr::UNSPECIFIED),
                 ],
-                // Without either it would be one more wildcard socket: nothing to steer with.
+                // Neither: the host's routing table picks the way out, through the wildcard
+                // sockets (the uplink `run` uses when none is declared). Two such uplinks
+                // could not be told apart.
+                (None, None) if routed.is_none() => {
+                    routed = id;
+                    by_uplink.push([Some(0), (sockets.len() > 1).then_some(1)]);
+                    continue;
+                }
                 (None, None) => {
                     return Err(err(io::Error::new(
                         io::ErrorKind::InvalidInput,
-                        "it needs an interface or a source_address",
+                        "only one uplink may go without an interface or a source_address",
                     )))
                 }
             };
@@ -139,6 +151,7 @@ impl Uplinks {
             port,
             sockets,
             by_uplink,
+            routed,
         })
     }
 
@@ -163,7 +176,21 @@ impl Uplinks {
     /// The uplink socket `i` belongs to (`None` for the wildcard sockets).
     #[inline]
     pub(crate) fn uplink_of(&self, i: usize) -> Option<UplinkId> {
-        self.sockets.get(i).and_then(|s| s.uplink)
+        self.sockets.get(i).and_then(|s| s.uplink.or(self.routed))
+    }
+
+    /// Whether socket `i` is an IPv6 one.
+    pub(crate) fn is_v6(&self, i: usize) -> bool {
+        self.sockets.get(i).is_some_and(|s| s.v6)
+    }
+
+    /// `(index, is_ipv6)` of the sockets endpoint discovery asks from: every uplink's (the
+    /// mapping a peer must use is the one of the socket WireGuard sends from).
+    pub(crate) fn discovery_sockets(&self) -> Vec<(usize, bool)> {
+        (0..self.sockets.len())
+            .filter(|&i| self.uplink_of(i).is_some())
+            .map(|i| (i, self.sockets[i].v6))
+            .collect()
     }
 
     /// Receives on socket `i`: `(bytes, source, segment size)`, see [`sys::recv_gro`].

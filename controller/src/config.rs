@@ -63,6 +63,10 @@ pub struct Config {
     /// Largest request body accepted, in bytes.
     pub max_body_bytes: usize,
     pub policy: PolicyConfig,
+    /// UDP port of the STUN reflector (on the API's listen address), which agents ask for
+    /// their NAT-mapped address; the next port answers too, so an agent can tell an
+    /// endpoint-independent NAT mapping from an endpoint-dependent one. 0 turns it off.
+    pub stun_port: u16,
 }
 
 /// `database:` — a shared PostgreSQL database.
@@ -127,6 +131,7 @@ impl Default for Config {
             mtu: 1380,
             max_body_bytes: 64 * 1024,
             policy: PolicyConfig::default(),
+            stun_port: skymesh_proto::stun::DEFAULT_PORT,
         }
     }
 }
@@ -203,6 +208,12 @@ impl Config {
             return Err(invalid(
                 "max_body_bytes",
                 format!("{} is outside 1024..=16777216", self.max_body_bytes),
+            ));
+        }
+        if self.stun_port == u16::MAX {
+            return Err(invalid(
+                "stun_port",
+                "65535 leaves no room for the second STUN port (stun_port + 1)",
             ));
         }
         if let Some(db) = &self.database {

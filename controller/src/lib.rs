@@ -16,6 +16,7 @@ pub mod secrets;
 pub mod server;
 pub mod signing;
 pub mod store;
+pub mod stun;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

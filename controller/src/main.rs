@@ -73,6 +73,10 @@ struct ServeArgs {
     /// Largest accepted request body in bytes (overrides `max_body_bytes`).
     #[arg(long, env = "SKYMESH_MAX_BODY_BYTES")]
     max_body_bytes: Option<usize>,
+    /// UDP port of the STUN reflector on the listen address; it and the next port answer
+    /// agents' endpoint discovery (overrides `stun_port`; 0 = off; default 3478).
+    #[arg(long, env = "SKYMESH_STUN_PORT")]
+    stun_port: Option<u16>,
     /// PEM certificate chain: serve HTTPS (rustls). Without it the API is plain HTTP.
     #[arg(long, env = "SKYMESH_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -177,6 +181,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(v) = args.signing_key {
         config.signing_key = Some(v);
     }
+    if let Some(v) = args.stun_port {
+        config.stun_port = v;
+    }
     let state = open(&config, Clock::System)
         .await
         .context("starting the controller")?;
@@ -191,6 +198,18 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let listener = std::net::TcpListener::bind(config.listen)
         .with_context(|| format!("binding {}", config.listen))?;
     let addr = listener.local_addr()?;
+    let stun = skymesh_controller::stun::bind(addr.ip(), config.stun_port).with_context(|| {
+        format!(
+            "binding the STUN ports {addr_ip}:{}",
+            config.stun_port,
+            addr_ip = addr.ip()
+        )
+    })?;
+    let stun_ports: Vec<u16> = stun
+        .iter()
+        .map(|s| s.local_addr().map(|a| a.port()))
+        .collect::<Result<_, _>>()?;
+    let state = state.with_stun_ports(stun_ports.clone());
     let store = state.store.clone();
     // Write errors are ignored: a closed stdout (detached service) must not kill the server.
     let mut out = std::io::stdout().lock();
@@ -201,15 +220,26 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         database_name(&config),
         state.controller_public_key()
     );
+    if let [first, second] = stun_ports.as_slice() {
+        let _ = writeln!(
+            out,
+            "  STUN (endpoint discovery): udp/{first} and udp/{second}"
+        );
+    }
     let _ = writeln!(out, "  get an admin token: {}", token_hint(&config));
     let _ = out.flush();
     drop(out);
     tracing::info!(%addr, "serving");
     let sweeper = tokio::spawn(skymesh_controller::run_expiry_sweeper(state.clone()));
+    let reflectors =
+        skymesh_controller::stun::spawn(stun).context("starting the STUN reflector")?;
     skymesh_controller::server::serve(listener, state, tls, shutdown_signal())
         .await
         .context("serving")?;
     sweeper.abort();
+    for r in reflectors {
+        r.abort();
+    }
     store.close().await;
     Ok(())
 }

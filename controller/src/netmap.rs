@@ -43,6 +43,8 @@ impl TopoNode {
 pub struct Topology {
     pub serial: u64,
     pub mtu: u16,
+    /// The controller's STUN ports, passed on to every node.
+    pub stun_ports: Vec<u16>,
     pub v4_prefix_len: u8,
     pub v6_prefix_len: u8,
     pub policy: Policy,
@@ -66,6 +68,7 @@ pub fn compute(topology: &Topology, id: NodeId, now: u64) -> Option<NetMap> {
         mtu: topology.mtu,
         tags: me.tags.clone(),
         expires_at: me.expires_at,
+        stun_ports: topology.stun_ports.clone(),
     };
     let mut peers = Vec::new();
     if me.is_active(now) {
@@ -125,6 +128,7 @@ mod tests {
         Topology {
             serial: 9,
             mtu: 1380,
+            stun_ports: Vec::new(),
             v4_prefix_len: 16,
             v6_prefix_len: 64,
             policy,

@@ -53,6 +53,11 @@ pub struct SelfNode {
     /// Unix seconds after which the controller stops serving this node, if set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<u64>,
+    /// UDP ports on the controller's address that answer STUN Binding requests: the node
+    /// learns its NAT-mapped (server-reflexive) address there. Two ports let it tell an
+    /// endpoint-independent mapping from an endpoint-dependent one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stun_ports: Vec<u16>,
 }
 
 /// One peer the receiving node may talk to.

@@ -138,6 +138,7 @@ mod tests {
                 mtu: 1380,
                 tags: vec![],
                 expires_at: None,
+                stun_ports: Vec::new(),
             },
             peers: vec![],
         }

@@ -25,6 +25,7 @@ fn map(node: u64, serial: u64, peers: &[u8]) -> NetMap {
             mtu: 1380,
             tags: vec![],
             expires_at: None,
+            stun_ports: Vec::new(),
         },
         peers: peers
             .iter()

@@ -125,6 +125,7 @@ mod tests {
                 mtu: 1420,
                 tags: vec![],
                 expires_at: None,
+                stun_ports: Vec::new(),
             },
             peers,
         }

@@ -149,6 +149,7 @@ mod tests {
                 mtu: 1420,
                 tags: vec![],
                 expires_at: None,
+                stun_ports: Vec::new(),
             },
             peers,
         }

@@ -154,6 +154,21 @@ pub(crate) fn failover_status(iface: &str) -> anyhow::Result<crate::paths::Statu
     serde_json::from_str(&body).with_context(|| format!("unexpected status answer: {body}"))
 }
 
+/// Tells the device which STUN reflectors to ask (`SetStunServers`).
+pub(crate) fn set_stun_servers(
+    iface: &str,
+    servers: &[std::net::SocketAddr],
+) -> anyhow::Result<()> {
+    let req = serde_json::json!({ "set_stun_servers": { "servers": servers } });
+    let body = status_request(iface, &req.to_string())?;
+    let v: serde_json::Value =
+        serde_json::from_str(&body).with_context(|| format!("unexpected answer: {body}"))?;
+    match v.get("errno").and_then(serde_json::Value::as_i64) {
+        Some(0) => Ok(()),
+        _ => bail!("device refused set_stun_servers: {body}"),
+    }
+}
+
 /// Gives the device a peer's candidate endpoints with the peer's tiers (`SetPeerPaths`); an
 /// empty list returns the peer to standard roaming.
 pub(crate) fn set_peer_paths(

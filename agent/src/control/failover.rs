@@ -35,33 +35,54 @@ pub(crate) fn proto_kind(k: CoreKind) -> UplinkKind {
     }
 }
 
-/// The addresses an uplink announces: its source address, or the interface's first usable
-/// IPv4 address and its first usable IPv6 address (not link-local). Both families matter on a
-/// satellite link: Starlink's IPv4 is carrier-grade NAT, its IPv6 is globally reachable.
-fn uplink_addresses(source: Option<IpAddr>, interface: Option<&str>) -> Vec<IpAddr> {
-    if let Some(a) = source {
-        return vec![a];
-    }
-    let Some(addrs) = interface
-        .and_then(|i| crate::sys::if_index(i).ok())
-        .and_then(|index| crate::netlink::Rtnl::open().ok()?.addresses(index).ok())
-    else {
-        return Vec::new();
-    };
-    let usable = |a: &&IpAddr| match a {
+/// Whether a peer could ever reach us at `a`: not loopback, link-local or unspecified.
+fn usable(a: &IpAddr) -> bool {
+    match a {
         IpAddr::V4(v4) => !v4.is_loopback() && !v4.is_link_local() && !v4.is_unspecified(),
         IpAddr::V6(v6) => {
             !v6.is_loopback() && (v6.segments()[0] & 0xffc0) != 0xfe80 && !v6.is_unspecified()
         }
+    }
+}
+
+/// The addresses an uplink announces: its source address; or the interface's first usable
+/// IPv4 address and its first usable IPv6 address (both matter on a satellite link: Starlink's
+/// IPv4 is carrier-grade NAT, its IPv6 is globally reachable); or, for the uplink without
+/// either (routing decides), every usable address of every interface but the overlay's own.
+fn uplink_addresses(source: Option<IpAddr>, interface: Option<&str>, overlay: &str) -> Vec<IpAddr> {
+    if let Some(a) = source {
+        return vec![a];
+    }
+    let Ok(mut nl) = crate::netlink::Rtnl::open() else {
+        return Vec::new();
     };
-    let v4 = addrs.iter().filter(usable).find(|a| a.is_ipv4());
-    let v6 = addrs.iter().filter(usable).find(|a| a.is_ipv6());
+    let Some(interface) = interface else {
+        let own = crate::sys::if_index(overlay).ok();
+        let mut all: Vec<IpAddr> = nl
+            .all_addresses()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|(index, a)| Some(*index) != own && usable(a))
+            .map(|(_, a)| a)
+            .collect();
+        all.dedup();
+        return all;
+    };
+    let Some(addrs) = crate::sys::if_index(interface)
+        .ok()
+        .and_then(|index| nl.addresses(index).ok())
+    else {
+        return Vec::new();
+    };
+    let v4 = addrs.iter().filter(|a| usable(a)).find(|a| a.is_ipv4());
+    let v6 = addrs.iter().filter(|a| usable(a)).find(|a| a.is_ipv6());
     v4.into_iter().chain(v6).copied().collect()
 }
 
 /// The endpoints this node announces: `endpoints:` as configured (each given the tier of the
 /// uplink of the same name), else one per uplink that has an address now.
-pub(crate) fn local_endpoints(settings: &RunSettings) -> Vec<Endpoint> {
+/// `overlay` is this node's WireGuard interface, whose addresses are never announced.
+pub(crate) fn local_endpoints(settings: &RunSettings, overlay: &str) -> Vec<Endpoint> {
     let uplinks = settings.uplinks.as_ref().map(|p| p.uplinks.as_slice());
     let uplinks = uplinks.unwrap_or_default();
     if !settings.endpoints.is_empty() {
@@ -79,7 +100,7 @@ pub(crate) fn local_endpoints(settings: &RunSettings) -> Vec<Endpoint> {
     let eps: Vec<Endpoint> = uplinks
         .iter()
         .flat_map(|u| {
-            uplink_addresses(u.source_address, u.interface.as_deref())
+            uplink_addresses(u.source_address, u.interface.as_deref(), overlay)
                 .into_iter()
                 .map(|addr| Endpoint {
                     addr: SocketAddr::new(addr, settings.listen_port),
@@ -97,6 +118,82 @@ pub(crate) fn local_endpoints(settings: &RunSettings) -> Vec<Endpoint> {
         );
     }
     eps.into_iter().take(skymesh_proto::MAX_ENDPOINTS).collect()
+}
+
+/// The controller's host in `url` (`https://hq.example:8443/x` → `hq.example`,
+/// `http://[fd00::1]:80` → `fd00::1`).
+fn url_host(url: &str) -> Option<&str> {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split(['/', '?', '#']).next()?;
+    let authority = authority.rsplit_once('@').map_or(authority, |(_, a)| a);
+    if let Some(v6) = authority.strip_prefix('[') {
+        return v6.split_once(']').map(|(h, _)| h);
+    }
+    let host = authority.split_once(':').map_or(authority, |(h, _)| h);
+    (!host.is_empty()).then_some(host)
+}
+
+/// The STUN reflectors to ask: the controller's addresses (resolved now) on each of the
+/// `ports` its netmap lists, IPv4 first. Empty when the host does not resolve.
+pub(crate) fn stun_servers(controller_url: &str, ports: &[u16]) -> Vec<SocketAddr> {
+    use std::net::ToSocketAddrs as _;
+    let Some(host) = url_host(controller_url) else {
+        return Vec::new();
+    };
+    let mut out: Vec<SocketAddr> = ports
+        .iter()
+        .flat_map(|&p| (host, p).to_socket_addrs().into_iter().flatten())
+        .collect();
+    out.sort_by_key(|a| (a.is_ipv6(), a.port()));
+    out.dedup();
+    out.truncate(crate::status::MAX_STUN_SERVERS);
+    out
+}
+
+/// `local` plus an endpoint per uplink socket whose reflexive address STUN found (with the
+/// uplink's kind and tier), without duplicates: behind no NAT the two are the same address.
+pub(crate) fn with_reflexive(
+    mut local: Vec<Endpoint>,
+    discovered: &[crate::paths::DiscoveryStatus],
+    settings: &RunSettings,
+) -> Vec<Endpoint> {
+    let uplinks = settings.uplinks.as_ref().map(|p| p.uplinks.as_slice());
+    for d in discovered {
+        let (Some(addr), Some(u)) = (
+            d.reflexive,
+            uplinks.and_then(|us| us.iter().find(|u| u.name == d.uplink)),
+        ) else {
+            continue;
+        };
+        if local.iter().any(|e| e.addr == addr) || local.len() >= skymesh_proto::MAX_ENDPOINTS {
+            continue;
+        }
+        local.push(Endpoint {
+            addr,
+            uplink: u.name.clone(),
+            kind: proto_kind(u.kind),
+            priority: Some(u.priority),
+        });
+    }
+    local
+}
+
+/// The uplink `join`/`run` use when none is declared: no interface, no source address, so
+/// the host's routing table picks the way out (the device's wildcard sockets). It still gets
+/// path selection over every candidate endpoint of a peer, STUN discovery and announcing every
+/// interface address.
+pub(crate) fn routed_uplinks() -> skymesh_agent_core::path::PathConfig {
+    skymesh_agent_core::path::PathConfig {
+        uplinks: vec![skymesh_agent_core::path::UplinkConfig {
+            name: "default".into(),
+            interface: None,
+            source_address: None,
+            kind: CoreKind::Terrestrial,
+            priority: 0,
+            probe: Default::default(),
+        }],
+        failover: Default::default(),
+    }
 }
 
 /// Keeps the device's per-peer candidates in step with the netmap.
@@ -375,6 +472,23 @@ mod tests {
     }
 
     #[test]
+    fn the_controller_host_is_taken_from_its_url() {
+        assert_eq!(url_host("https://hq.example:8443/api"), Some("hq.example"));
+        assert_eq!(url_host("http://198.18.0.1:8080"), Some("198.18.0.1"));
+        assert_eq!(url_host("http://[fd00::1]:80/"), Some("fd00::1"));
+        assert_eq!(url_host("https://u:p@hq.example"), Some("hq.example"));
+        assert_eq!(url_host("http://:80"), None);
+        assert_eq!(
+            stun_servers("http://198.18.0.1:8080", &[3478, 3479]),
+            vec![
+                "198.18.0.1:3478".parse().expect("addr"),
+                "198.18.0.1:3479".parse().expect("addr")
+            ]
+        );
+        assert!(stun_servers("http://198.18.0.1:8080", &[]).is_empty());
+    }
+
+    #[test]
     fn configured_endpoints_get_the_tier_of_their_uplink() {
         let uplinks: PathConfig = serde_yaml::from_str(
             "uplinks:\n- {name: sat, source_address: 198.18.1.1, kind: satellite, priority: 2}\n\
@@ -387,7 +501,7 @@ mod tests {
             ..RunSettings::default()
         };
         // Derived from the uplinks: address, listen port, name, kind, tier.
-        let eps = local_endpoints(&s);
+        let eps = local_endpoints(&s, "sm-test0");
         assert_eq!(eps.len(), 2);
         assert_eq!(eps[0].addr, "198.18.1.1:51999".parse().expect("addr"));
         assert_eq!(
@@ -405,7 +519,7 @@ mod tests {
             kind: UplinkKind::Terrestrial,
             priority: None,
         }];
-        let eps = local_endpoints(&s);
+        let eps = local_endpoints(&s, "sm-test0");
         assert_eq!(eps.len(), 1);
         assert_eq!(eps[0].priority, Some(0));
     }

@@ -71,7 +71,9 @@ pub(crate) struct RunSettings {
     pub(crate) allow_http: bool,
     /// Rotate the WireGuard key this often while running (`None`: only on demand).
     pub(crate) rotate_every: Option<Duration>,
-    /// Uplinks and failover tuning (validated); `None`: one socket, standard roaming.
+    /// Uplinks and failover tuning (validated). `join`/`run` put
+    /// [`failover::routed_uplinks`] here when none is declared; `None` (tests only): no path
+    /// selection, standard roaming.
     pub(crate) uplinks: Option<PathConfig>,
 }
 
@@ -108,7 +110,7 @@ pub(crate) fn join(s: &JoinSettings) -> anyhow::Result<()> {
         enrollment_key: s.enroll_key.clone(),
         public_key: public_key(&key),
         name: s.name.clone(),
-        endpoints: failover::local_endpoints(&s.run),
+        endpoints: failover::local_endpoints(&s.run, &s.iface),
         routes: s.run.routes.clone(),
     })?;
     match &s.controller_key {
@@ -392,7 +394,10 @@ fn report_loop(
     let mut next = Instant::now();
     let mut next_poll = Instant::now();
     let mut next_addresses = Instant::now();
-    let mut endpoints = failover::local_endpoints(settings);
+    let mut endpoints = failover::local_endpoints(settings, &st.iface);
+    // What STUN found per uplink socket (device status), and which reflectors it was given.
+    let mut discovered: Vec<crate::paths::DiscoveryStatus> = Vec::new();
+    let mut stun_ports: Option<Vec<u16>> = None;
     let mut endpoints_sent = false;
     // Address changes (a carrier renumbering the uplink, DHCP, SLAAC) are re-announced within
     // one loop turn; the poll stays as a fallback for a lost notification.
@@ -438,6 +443,29 @@ fn report_loop(
                 if active.is_some() && active != reported_paths {
                     next = now;
                 }
+                if let Some(found) = fo.as_ref().map(|f| &f.discovery) {
+                    if *found != discovered {
+                        discovered.clone_from(found);
+                        next_addresses = now;
+                    }
+                }
+            }
+            // The reflectors are the controller's host on the ports its netmap lists.
+            let ports = shared
+                .map
+                .lock()
+                .ok()
+                .and_then(|m| m.as_ref().map(|m| m.node.stun_ports.clone()));
+            if ports.is_some() && ports != stun_ports {
+                let ports = ports.unwrap_or_default();
+                let servers = failover::stun_servers(&st.controller_url, &ports);
+                match dev::set_stun_servers(&st.iface, &servers) {
+                    Ok(()) => {
+                        tracing::info!(servers = ?servers, "endpoint discovery (STUN) reflectors set");
+                        stun_ports = Some(ports);
+                    }
+                    Err(e) => tracing::debug!(error = %format!("{e:#}"), "setting STUN servers"),
+                }
             }
         }
         if let Some(m) = addr_events.as_mut() {
@@ -450,7 +478,8 @@ fn report_loop(
         }
         if derived && now >= next_addresses {
             next_addresses = now + ADDRESS_POLL;
-            let fresh = failover::local_endpoints(settings);
+            let local = failover::local_endpoints(settings, &st.iface);
+            let fresh = failover::with_reflexive(local, &discovered, settings);
             if fresh != endpoints {
                 tracing::info!(endpoints = ?fresh, "uplink addresses changed; re-reporting");
                 endpoints = fresh;

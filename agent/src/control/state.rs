@@ -201,6 +201,7 @@ mod tests {
                 mtu: 1380,
                 tags: vec![],
                 expires_at: None,
+                stun_ports: Vec::new(),
             },
             peers: peers
                 .iter()

@@ -42,6 +42,9 @@ pub struct AppState {
     pub max_body_bytes: usize,
     pub metrics: Arc<Metrics>,
     pub clock: Clock,
+    /// Ports of this controller's STUN reflector, handed to agents in their netmap (empty:
+    /// none runs, e.g. in tests that serve the router directly).
+    pub stun_ports: Vec<u16>,
     /// The last [`TOPOLOGY_HISTORY`] topology snapshots, newest last: the newest is reused
     /// while the serial is unchanged; older ones let a stream resume with a delta.
     topology: Arc<Mutex<VecDeque<Arc<Topology>>>>,
@@ -72,10 +75,18 @@ impl AppState {
             max_body_bytes,
             metrics: Arc::new(Metrics::default()),
             clock,
+            stun_ports: Vec::new(),
             topology: Arc::new(Mutex::new(VecDeque::with_capacity(TOPOLOGY_HISTORY))),
             changes: watch::Sender::new(0),
             closing: watch::Sender::new(false),
         }
+    }
+
+    /// The same state, telling agents about the STUN reflector on `ports` (set once, before
+    /// serving: the netmap of every node carries them).
+    pub fn with_stun_ports(mut self, ports: Vec<u16>) -> Self {
+        self.stun_ports = ports;
+        self
     }
 
     /// Ends every open netmap stream (agents reconnect to the next controller instance).
@@ -137,6 +148,7 @@ impl AppState {
         let t = Arc::new(Topology {
             serial,
             mtu: self.mtu,
+            stun_ports: self.stun_ports.clone(),
             v4_prefix_len: pools.v4.prefix_len(),
             v6_prefix_len: pools.v6.prefix_len(),
             policy: self.policy.clone(),

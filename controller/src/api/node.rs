@@ -111,7 +111,7 @@ pub(super) async fn register(
 ) -> Result<(StatusCode, Json<RegisterResponse>), ApiError> {
     let result = async {
         validate_register(&state, &req)?;
-        req.endpoints = crate::store::merge_endpoints(&req.endpoints, seen_from);
+        req.endpoints = crate::store::stored_endpoints(&req.endpoints);
         let now = state.clock.now();
         let (node, credential) = state.store.register(&req, now).await?;
         state

@@ -18,7 +18,7 @@ use serde::Serialize;
 use skymesh_proto::{Endpoint, NodeId, NodeState, RegisterRequest, StatusReport, WgPublicKey};
 
 pub use postgres::{ChangeFeed, PgStore};
-pub(crate) use sqlite::merge_endpoints;
+pub(crate) use sqlite::stored_endpoints;
 pub use sqlite::{SqliteStore, DB_FILE};
 
 use crate::audit::{AuditEntry, ChainHead};

@@ -7,12 +7,12 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
-use skymesh_proto::{Endpoint, NodeId, NodeState, StatusReport, WgPublicKey, REFLEXIVE_UPLINK};
+use skymesh_proto::{Endpoint, NodeId, NodeState, StatusReport, WgPublicKey};
 use sqlx::Row as _;
 
 use super::{append_audit, bump_serial, PgStore};
 use crate::store::rows::{seen_from_row, to_i64, to_json, to_u64};
-use crate::store::{merge_endpoints, Actor, NodeRecord, NodeSeen, StoreError};
+use crate::store::{stored_endpoints, Actor, NodeRecord, NodeSeen, StoreError};
 
 type Tx = sqlx::Transaction<'static, sqlx::Postgres>;
 
@@ -50,13 +50,7 @@ impl PgStore {
         let mut node = Self::node_in(&mut tx, id).await?;
         Self::touch_in(&mut tx, id, seen_from, now).await?;
         let local = local.map_or_else(|| node.endpoints.clone(), <[Endpoint]>::to_vec);
-        let seen = seen_from.or_else(|| {
-            node.endpoints
-                .iter()
-                .find(|e| e.uplink == REFLEXIVE_UPLINK)
-                .map(|e| e.addr.ip())
-        });
-        let endpoints = merge_endpoints(&local, seen);
+        let endpoints = stored_endpoints(&local);
         let mut changed = endpoints != node.endpoints;
         node.endpoints = endpoints;
         if let Some(routes) = routes {

@@ -6,7 +6,7 @@
 //! Status reports and `last_seen` live in `node_status` and never bump it.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 
 use ipnet::IpNet;
 use skymesh_proto::{Endpoint, NodeId, NodeState, StatusReport, WgPublicKey, REFLEXIVE_UPLINK};
@@ -16,27 +16,15 @@ use super::{append_audit, bump_serial, SqliteStore};
 use crate::store::rows::{seen_from_row, to_i64, to_json, to_u64};
 use crate::store::{Actor, NodeRecord, NodeSeen, StoreError};
 
-/// The endpoints to store: the node's local ones, plus a reflexive one (source IP as seen by
-/// the controller, port of the first local endpoint) when that IP is not already among them.
-pub(crate) fn merge_endpoints(local: &[Endpoint], seen_from: Option<IpAddr>) -> Vec<Endpoint> {
-    let mut out: Vec<Endpoint> = local
+/// The endpoints to store: what the node announced. Entries named `reflexive` are dropped:
+/// older controllers derived one from the API connection's source address, which is no UDP
+/// endpoint (another port behind any NAT); nodes now announce what STUN showed them.
+pub(crate) fn stored_endpoints(local: &[Endpoint]) -> Vec<Endpoint> {
+    local
         .iter()
         .filter(|e| e.uplink != REFLEXIVE_UPLINK)
         .cloned()
-        .collect();
-    if let (Some(ip), Some(first)) = (seen_from, out.first()) {
-        if !out.iter().any(|e| e.addr.ip() == ip) {
-            let reflexive = Endpoint {
-                addr: SocketAddr::new(ip, first.addr.port()),
-                uplink: REFLEXIVE_UPLINK.to_string(),
-                kind: first.kind,
-                // Which uplink the controller's connection used is unknown: no tier claimed.
-                priority: None,
-            };
-            out.push(reflexive);
-        }
-    }
-    out
+        .collect()
 }
 
 impl SqliteStore {
@@ -74,13 +62,7 @@ impl SqliteStore {
         let mut node = Self::node_in(&mut tx, id).await?;
         Self::touch_in(&mut tx, id, seen_from, now).await?;
         let local = local.map_or_else(|| node.endpoints.clone(), <[Endpoint]>::to_vec);
-        let seen = seen_from.or_else(|| {
-            node.endpoints
-                .iter()
-                .find(|e| e.uplink == REFLEXIVE_UPLINK)
-                .map(|e| e.addr.ip())
-        });
-        let endpoints = merge_endpoints(&local, seen);
+        let endpoints = stored_endpoints(&local);
         let mut changed = endpoints != node.endpoints;
         node.endpoints = endpoints;
         if let Some(routes) = routes {
@@ -220,19 +202,12 @@ mod tests {
     }
 
     #[test]
-    fn reflexive_endpoint_is_added_with_the_first_local_port_unless_already_local() {
+    fn reflexive_guesses_are_not_stored() {
         let local = vec![
             ep("192.168.1.5:51820", "starlink"),
-            ep("198.18.0.2:51821", "fibre"),
+            ep("198.19.7.7:51820", REFLEXIVE_UPLINK),
         ];
-        let seen: IpAddr = "198.19.7.7".parse().expect("ip");
-        let out = merge_endpoints(&local, Some(seen));
-        assert_eq!(out.len(), 3);
-        assert_eq!(out[2], ep("198.19.7.7:51820", REFLEXIVE_UPLINK));
-        let direct: IpAddr = "198.18.0.2".parse().expect("ip");
-        assert_eq!(merge_endpoints(&local, Some(direct)), local);
-        // Re-merging replaces rather than accumulates reflexive entries.
-        assert_eq!(merge_endpoints(&out, Some(seen)), out);
-        assert!(merge_endpoints(&[], Some(seen)).is_empty());
+        assert_eq!(stored_endpoints(&local), local[..1].to_vec());
+        assert!(stored_endpoints(&[]).is_empty());
     }
 }

@@ -33,7 +33,7 @@ use crate::secrets;
 mod live;
 use crate::store::rows;
 
-pub(crate) use live::merge_endpoints;
+pub(crate) use live::stored_endpoints;
 
 use rows::{corrupt, key_from_row, node_from_row, state_str, to_i64, to_json, to_u64};
 
