@@ -128,6 +128,29 @@ struct Peer {
     tx_bytes: u64,
     rx_bytes: u64,
     last_handshake: Option<SystemTime>,
+    /// The handshake initiation in flight, while there is no session: path probing sends
+    /// this same message on every candidate path (see `drive_peer`).
+    init: Option<Initiation>,
+}
+
+/// A handshake initiation as sent, and when it was made.
+#[derive(Clone, Copy)]
+struct Initiation {
+    msg: [u8; INIT_LEN],
+    at: Instant,
+}
+
+/// Size of a WireGuard handshake initiation.
+const INIT_LEN: usize = 148;
+/// WireGuard's REKEY_TIMEOUT: an initiation unanswered this long is replaced by a new one.
+const REKEY_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl Initiation {
+    /// Keeps `out` if it is a handshake initiation.
+    fn capture(out: &[u8], at: Instant) -> Option<Initiation> {
+        let msg: [u8; INIT_LEN] = out.try_into().ok()?;
+        (msg[0] == 1).then_some(Initiation { msg, at })
+    }
 }
 
 struct LocalKey {
@@ -747,6 +770,9 @@ impl Device {
             }
             match tunn.update_timers(&mut self.tx_buf) {
                 TunnResult::WriteToNetwork(out) => {
+                    if let Some(i) = Initiation::capture(out, Instant::now()) {
+                        peer.init = Some(i);
+                    }
                     if let Some(ep) = peer.endpoint {
                         match send_to(&self.uplinks, peer.via, ep, out) {
                             Ok(sent) => peer.tx_bytes += sent as u64,
@@ -1003,6 +1029,7 @@ impl Device {
                     tx_bytes: 0,
                     rx_bytes: 0,
                     last_handshake: None,
+                    init: None,
                 };
                 let slot = match self.free_slots.pop() {
                     Some(s) => {
@@ -1195,10 +1222,30 @@ impl Device {
             };
             tracing::trace!(path = %tx.path, probe = tx.probe_id.0, "probe");
             let out = if tunn.time_since_last_handshake().is_none() {
-                // No session: start a handshake on the probed path instead. The probe is not
-                // queued (boringtun would flush it once the session is up, and its late reply
-                // would count as a huge RTT sample); the agent counts it as unanswered.
-                tunn.format_handshake_initiation(&mut self.tx_buf, false)
+                // No session: the probe becomes a handshake initiation on the probed path. The
+                // probe is not queued (boringtun would flush it once the session is up, and its
+                // late reply would count as a huge RTT sample); the agent counts it as
+                // unanswered. Every path gets the *same* initiation until REKEY_TIMEOUT (a
+                // connectivity check, as ICE does): the first copy to reach the peer wins, it
+                // drops the others as replays, and its answer comes back on a path that works.
+                // Both ends doing this at once is what opens two NATs (hole punching).
+                let now = Instant::now();
+                match peer
+                    .init
+                    .filter(|i| now.duration_since(i.at) < REKEY_TIMEOUT)
+                {
+                    Some(i) => {
+                        self.tx_buf[..INIT_LEN].copy_from_slice(&i.msg);
+                        TunnResult::WriteToNetwork(&mut self.tx_buf[..INIT_LEN])
+                    }
+                    None => {
+                        let r = tunn.format_handshake_initiation(&mut self.tx_buf, true);
+                        if let TunnResult::WriteToNetwork(out) = &r {
+                            peer.init = Initiation::capture(out, now);
+                        }
+                        r
+                    }
+                }
             } else {
                 let mut inner = [0u8; PROBE_PACKET_LEN];
                 paths::build_probe(ProbeMessage::Request { nonce: tx.nonce }, &mut inner);
@@ -1421,6 +1468,9 @@ impl Device {
         if let TunnResult::WriteToNetwork(out) =
             tunn.format_handshake_initiation(&mut self.tx_buf, false)
         {
+            if let Some(i) = Initiation::capture(out, Instant::now()) {
+                peer.init = Some(i);
+            }
             match send_to(&self.uplinks, peer.via, ep, out) {
                 Ok(sent) => peer.tx_bytes += sent as u64,
                 Err(_) => self.drops.io_errors += 1,

@@ -59,6 +59,9 @@ pub struct PathAgent {
     role: Role,
 }
 
+/// Most peer-reflexive paths a peer keeps (a peer roaming between NAT ports adds one each).
+pub(crate) const MAX_LEARNED: usize = 4;
+
 impl PathAgent {
     /// Creates the agent for one peer. Every uplink is assumed up until the driver reports
     /// otherwise; every path is probed at once. `nonce_seed` must come from the OS CSPRNG.
@@ -123,6 +126,13 @@ impl PathAgent {
                 self.paths.push(state);
             }
         }
+        // Learned paths stay while their address is not in the netmap (it may be now).
+        let listed = self.paths.len();
+        for p in old.into_iter().filter(|p| p.learned) {
+            if !self.paths[..listed].iter().any(|q| q.id == p.id) {
+                self.paths.push(p);
+            }
+        }
         self.paths.sort_by_key(|p| p.id);
         self.active = active_id.and_then(|id| self.index(id));
         if active_id.is_some() && self.active.is_none() {
@@ -155,12 +165,56 @@ impl PathAgent {
     /// WireGuard authenticated a packet (data or keepalive) from the peer arriving on `path`.
     /// Cheap enough for the per-packet path: no allocation, a scan of a handful of paths.
     pub fn handle_authenticated_rx(&mut self, path: PathId, now: Instant) {
-        let Some(i) = self.index(path) else { return };
+        let Some(i) = self.index(path).or_else(|| self.learn(path, now)) else {
+            return;
+        };
         let p = &mut self.paths[i];
         p.last_rx = Some(now);
         p.silent_since = None;
         // Inbound data proves only the peer-to-us direction, so it never promotes a path and
         // never clears a failure: only a probe reply does (round trip).
+    }
+
+    /// Adds `path`, on which the peer's authenticated traffic arrived from an address its
+    /// netmap does not list: the port a NAT mapped it to towards us (ICE's peer-reflexive
+    /// candidate). Behind an endpoint-dependent NAT it is the only address that works. Ranked
+    /// with the peer's least preferred tier, then probed and promoted like any other path.
+    /// At most [`MAX_LEARNED`] are kept (the oldest unproven one makes room). Returns its
+    /// index.
+    fn learn(&mut self, path: PathId, now: Instant) -> Option<usize> {
+        let uplink = self.uplinks.get(usize::from(path.uplink.0))?;
+        if uplink
+            .family_v6
+            .is_some_and(|v6| v6 != path.remote.is_ipv6())
+        {
+            return None;
+        }
+        let learned = self.paths.iter().filter(|p| p.learned).count();
+        if learned >= MAX_LEARNED {
+            let evict = self
+                .paths
+                .iter()
+                .enumerate()
+                .filter(|(i, p)| p.learned && Some(*i) != self.active && !p.is_healthy())
+                .min_by_key(|(_, p)| p.created)
+                .map(|(i, _)| i)?;
+            let active_id = self.active.map(|a| self.paths[a].id);
+            self.paths.remove(evict);
+            self.active = active_id.and_then(|id| self.index(id));
+        }
+        let tier = self
+            .paths
+            .iter()
+            .map(|p| p.remote_priority)
+            .max()
+            .unwrap_or(0);
+        let mut state = PathState::new(path, tier, now);
+        state.learned = true;
+        let active_id = self.active.map(|a| self.paths[a].id);
+        self.paths.push(state);
+        self.paths.sort_by_key(|p| p.id);
+        self.active = active_id.and_then(|id| self.index(id));
+        self.index(path)
     }
 
     /// Sets which end of the pair chooses the path (see [`Role`]). Default: [`Role::Chooser`].
@@ -865,6 +919,46 @@ mod tests {
         let s = agent.path_stats().next().expect("one path");
         assert_eq!(s.health, PathHealth::Healthy);
         assert_eq!(s.smoothed_rtt, Some(ms(30)));
+    }
+
+    #[test]
+    fn traffic_from_an_unlisted_nat_port_becomes_a_path_that_is_probed_and_kept() {
+        let t0 = Instant::now();
+        // The netmap lists only the peer's private address (port 1), which never answers.
+        let mut agent = PathAgent::new(&config(&[0]), &[remote(1, 0)], 7, t0);
+        agent.handle_timeout(t0);
+        while agent.poll_transmit().is_some() {}
+        // Its handshake arrives from the port its NAT picked (port 9): learned and probed.
+        agent.handle_authenticated_rx(path(0, 9), t0 + ms(10));
+        assert_eq!(agent.path_stats().count(), 2);
+        // Only the learned path answers; the listed one fails by distress and traffic moves.
+        let mut now = t0 + ms(10);
+        let mut probed = false;
+        while now < t0 + ms(2_000) {
+            agent.handle_timeout(now);
+            while let Some(tx) = agent.poll_transmit() {
+                if tx.path == path(0, 9) {
+                    probed = true;
+                    agent
+                        .handle_probe_reply(tx.path, tx.nonce, now + ms(5))
+                        .expect("genuine reply");
+                }
+            }
+            now += ms(10);
+        }
+        assert!(probed, "the learned path is probed");
+        assert_eq!(agent.active_path(), Some(path(0, 9)));
+        let t1 = now;
+        // A new netmap (still without it) keeps the learned path, and it stays active.
+        agent.set_remote_endpoints(&[remote(1, 0), remote(2, 0)], t1 + ms(100));
+        assert_eq!(agent.active_path(), Some(path(0, 9)));
+        // At most MAX_LEARNED are kept: a roaming flood of new ports does not grow the table.
+        for port in 100..120 {
+            agent.handle_authenticated_rx(path(0, port), t1 + ms(200));
+        }
+        let learned = agent.path_stats().count() - 2;
+        assert_eq!(learned, MAX_LEARNED);
+        assert_eq!(agent.active_path(), Some(path(0, 9)));
     }
 
     #[test]

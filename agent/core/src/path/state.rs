@@ -64,6 +64,9 @@ pub(super) struct PathState {
     pub(super) last_reply: Option<Instant>,
     /// Since when this path has been better than the active path by the RTT margin.
     pub(super) better_since: Option<Instant>,
+    /// Learned from the peer's authenticated traffic (a peer-reflexive address: the port its
+    /// NAT gave it towards us), not listed in the netmap; kept across netmap updates.
+    pub(super) learned: bool,
 }
 
 impl PathState {
@@ -86,6 +89,7 @@ impl PathState {
             replies: 0,
             last_reply: None,
             better_since: None,
+            learned: false,
         }
     }
 
