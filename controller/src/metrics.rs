@@ -137,6 +137,7 @@ pub fn render_nodes(nodes: &[(NodeRecord, Option<NodeSeen>)], now: u64) -> Strin
         ("skymesh_node_path_switches_total", "counter", "Path switches of the node towards a peer since its device started."),
         ("skymesh_node_path_rtt_seconds", "gauge", "Smoothed RTT of one path (node uplink to peer endpoint)."),
         ("skymesh_node_path_loss_ratio", "gauge", "Probe loss of one path."),
+        ("skymesh_node_uplink_nat", "gauge", "1 for how the NAT in front of a node's uplink maps (endpoint-independent, endpoint-dependent, unknown), from STUN."),
     ];
     let mut lines: Vec<Vec<String>> = vec![Vec::new(); families.len()];
     let mut names = std::collections::BTreeMap::new();
@@ -161,6 +162,13 @@ pub fn render_nodes(nodes: &[(NodeRecord, Option<NodeSeen>)], now: u64) -> Strin
                 kind_name(u.kind),
                 u8::from(u.up)
             ));
+            if let Some(nat) = &u.nat {
+                lines[8].push(format!(
+                    "{{{n},uplink=\"{}\",nat=\"{}\"}} 1",
+                    label(&u.name),
+                    label(nat)
+                ));
+            }
         }
         for p in &status.peers {
             let peer = format!(
@@ -289,6 +297,8 @@ mod tests {
                 kind: UplinkKind::Satellite,
                 priority: 0,
                 up: false,
+                reflexive: vec!["198.19.4.4:51820".parse().expect("addr")],
+                nat: Some("endpoint-independent".into()),
             }],
         };
         let seen = NodeSeen {
@@ -306,6 +316,9 @@ mod tests {
             format!("skymesh_node_last_seen_age_seconds{{{n}}} 10\n"),
             format!("skymesh_node_netmap_age_seconds{{{n}}} 10\n"),
             format!("skymesh_node_uplink_up{{{n},uplink=\"starlink\",kind=\"satellite\"}} 0\n"),
+            format!(
+                "skymesh_node_uplink_nat{{{n},uplink=\"starlink\",nat=\"endpoint-independent\"}} 1\n"
+            ),
             format!(
                 "skymesh_node_path_uplink{{{n},peer=\"2\",peer_name=\"hq\",uplink=\"fibre\",kind=\"terrestrial\"}} 1\n"
             ),

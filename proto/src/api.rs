@@ -163,6 +163,16 @@ pub struct UplinkReport {
     pub priority: u8,
     /// Whether its link is up.
     pub up: bool,
+    /// Addresses the carrier's NAT maps this uplink's WireGuard socket to, as a STUN
+    /// reflector saw them (one per address family; empty while unknown or behind a NAT that
+    /// maps every destination differently).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Vec<String>))]
+    pub reflexive: Vec<std::net::SocketAddr>,
+    /// How that NAT maps: `endpoint-independent` (peers can punch through),
+    /// `endpoint-dependent` (a "hard" NAT: only a relay helps), or `unknown`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nat: Option<String>,
 }
 
 /// Body of `POST /api/v1/node/status`.

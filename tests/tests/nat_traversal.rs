@@ -335,6 +335,23 @@ fn plain_join_behind_two_carrier_nats_reaches_every_node_and_the_units_go_direct
         remote.starts_with("198.18.2.2:"),
         "unit A reaches unit B at {remote}, not B's carrier NAT address"
     );
+    // HQ sees it too: the unit's status report carries its uplink's reflexive address and
+    // NAT kind (GET /api/v1/nodes/{id}).
+    let id = c
+        .api(&hqns, "GET", "/api/v1/nodes", None)
+        .as_array()
+        .and_then(|a| a.iter().find(|n| n["name"] == "unit-a").cloned())
+        .and_then(|n| n["id"].as_u64())
+        .expect("unit-a id");
+    let (uplink, _) = wait_for(Duration::from_secs(40), "unit A's NAT kind at HQ", || {
+        let d = c.api(&hqns, "GET", &format!("/api/v1/nodes/{id}"), None);
+        let u = d["seen"]["status"]["uplinks"][0].clone();
+        (u["nat"] == "endpoint-independent").then_some(u)
+    });
+    assert!(
+        uplink["reflexive"].to_string().contains("198.18.1.2:"),
+        "{uplink}"
+    );
     // Each unit sees an endpoint-independent mapping of its one uplink.
     let st = status(&ua, &t.iface(3));
     let disc = st["device"]["discovery"]

@@ -373,11 +373,21 @@ pub(crate) fn status_report(
         .map(|r| {
             r.uplinks
                 .iter()
-                .map(|u| UplinkReport {
-                    name: u.name.clone(),
-                    kind: kind_of(&u.name).unwrap_or(UplinkKind::Unknown),
-                    priority: u.priority,
-                    up: u.up,
+                .map(|u| {
+                    let found = r.discovery.iter().filter(|d| d.uplink == u.name);
+                    UplinkReport {
+                        name: u.name.clone(),
+                        kind: kind_of(&u.name).unwrap_or(UplinkKind::Unknown),
+                        priority: u.priority,
+                        up: u.up,
+                        reflexive: found.clone().filter_map(|d| d.reflexive).collect(),
+                        // The IPv4 socket's verdict: IPv6 paths are rarely NATed.
+                        nat: found
+                            .clone()
+                            .find(|d| !d.ipv6)
+                            .or_else(|| found.clone().next())
+                            .map(|d| d.nat.clone()),
+                    }
                 })
                 .collect()
         })

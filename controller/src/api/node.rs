@@ -267,6 +267,15 @@ fn validate_status(report: &StatusReport) -> Result<(), ApiError> {
             "`uplinks[].name` must be 1-32 characters",
         ));
     }
+    if report
+        .uplinks
+        .iter()
+        .any(|u| u.reflexive.len() > 2 || u.nat.as_deref().is_some_and(|n| !short_label(n)))
+    {
+        return Err(ApiError::unprocessable(
+            "`uplinks[].reflexive` holds at most 2 addresses and `uplinks[].nat` 1-32 characters",
+        ));
+    }
     for p in &report.peers {
         let node = p.node_id;
         let labels = p
@@ -357,6 +366,8 @@ mod tests {
                 kind: UplinkKind::Terrestrial,
                 priority: 1,
                 up: true,
+                reflexive: Vec::new(),
+                nat: None,
             }],
         }
     }
