@@ -101,7 +101,14 @@ const BIN: &str = env!("CARGO_BIN_EXE_skymesh-controller");
 
 fn start(data: &Path) -> Server {
     let mut child = Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--stun-port",
+            "0",
+            "--data-dir",
+        ])
         .arg(data)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
