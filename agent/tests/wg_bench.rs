@@ -1,6 +1,6 @@
-//! Runs the shared harness `../shared/bench/wg-bench` (relative to the workspace root) with the
-//! agent next to wireguard-go and boringtun-cli: every mixed pair must pass interop (exit 0),
-//! and every failover row with the agent on side a (`wg set` endpoint move) must PASS.
+//! Runs the repository's harness `scripts/wg-harness` with the agent next to wireguard-go and
+//! boringtun-cli: every pair, mixed ones both ways, must pass interop (exit 0), and every
+//! failover row with the agent on side a (`wg set` endpoint move) must PASS.
 
 mod common;
 
@@ -10,7 +10,7 @@ use std::process::Command;
 use common::*;
 
 #[test]
-fn wg_bench_interop_and_failover_pass_with_the_agent_against_both_reference_peers() {
+fn harness_interop_and_failover_pass_with_the_agent_against_both_reference_peers() {
     require(&[
         "ip",
         "wg",
@@ -20,20 +20,11 @@ fn wg_bench_interop_and_failover_pass_with_the_agent_against_both_reference_peer
         "iperf3",
         "jq",
     ]);
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_owned();
-    let bench = root.join("../shared/bench/wg-bench");
-    assert!(
-        bench.is_file(),
-        "wg-bench not found at {} (CI clones the repo with shared/ beside it)",
-        bench.display()
-    );
+    let harness = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/wg-harness");
     let dir = tmpdir();
     let out_md = dir.path().join("report.md");
     let prefix = format!("s3{}", std::process::id() % 10000);
-    let out = Command::new(&bench)
+    let out = Command::new(&harness)
         .env("PATH", path_env())
         .args([
             "--impl",
@@ -45,19 +36,17 @@ fn wg_bench_interop_and_failover_pass_with_the_agent_against_both_reference_peer
             "--mix",
             "--scenarios",
             "interop,failover",
-            "--failover-method",
-            "set",
             "--prefix",
             &prefix,
             "--out",
             out_md.to_str().expect("utf8 path"),
         ])
         .output()
-        .expect("running wg-bench");
+        .unwrap_or_else(|e| panic!("running {}: {e}", harness.display()));
     let report = std::fs::read_to_string(&out_md).unwrap_or_default();
     assert!(
         out.status.success(),
-        "wg-bench exit {}:\n{report}\n{}",
+        "wg-harness exit {}:\n{report}\n{}",
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );

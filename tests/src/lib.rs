@@ -190,7 +190,7 @@ pub fn ip(args: &[&str]) {
     run(Command::new("ip").args(args));
 }
 
-/// Whether the test runs as root (namespaces, TUN); the e2e tests skip otherwise.
+/// Whether the test runs as root (namespaces, TUN).
 pub fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .map(|s| {
@@ -198,6 +198,44 @@ pub fn is_root() -> bool {
                 .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
         })
         .unwrap_or(false)
+}
+
+/// Set to `1` to skip, with the reason printed, the end-to-end tests whose requirements are
+/// missing (a developer without root). `.ci/run` and `scripts/test` never set it.
+pub const SKIP_ROOT_TESTS: &str = "SKYMESH_SKIP_ROOT_TESTS";
+
+/// Fails the calling test with the reason unless it runs as root and every program in
+/// `tools` is on `PATH` (or in `~/.cargo/bin`). Returns `false` only when something is missing
+/// and [`SKIP_ROOT_TESTS`]`=1` opts out: the test then returns without testing anything.
+#[must_use = "return from the test when it is false"]
+pub fn require_root(tools: &[&str]) -> bool {
+    let mut missing = Vec::new();
+    if !is_root() {
+        missing.push("root (network namespaces, TUN devices)".to_string());
+    }
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    if let Some(home) = std::env::var_os("HOME") {
+        dirs.push(PathBuf::from(home).join(".cargo/bin"));
+    }
+    for tool in tools {
+        if !dirs.iter().any(|d| d.join(tool).is_file()) {
+            missing.push(format!("`{tool}`"));
+        }
+    }
+    if missing.is_empty() {
+        return true;
+    }
+    let missing = missing.join(", ");
+    if std::env::var(SKIP_ROOT_TESTS).as_deref() == Ok("1") {
+        eprintln!("skipped ({SKIP_ROOT_TESTS}=1): this end-to-end test needs {missing}");
+        return false;
+    }
+    panic!(
+        "this end-to-end test needs {missing}: run `sudo scripts/test` (scripts/install-deps \
+         installs the tools), or set {SKIP_ROOT_TESTS}=1 to skip it"
+    );
 }
 
 /// Polls `f` every 50 ms until it returns `Some` or `limit` passes (then panics naming

@@ -19,7 +19,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use skymesh_e2e::{binary, in_ns, ip, is_root, ping_once, run, wait_for, Controller};
+use skymesh_e2e::{binary, in_ns, ip, ping_once, require_root, run, wait_for, Controller};
 
 /// Fail-back hold of the test agents (the product default is 30 s).
 const HOLD_MS: u64 = 3_000;
@@ -183,8 +183,7 @@ fn agent_yaml(name: &str, iface: &str, key: &str, state: &Path) -> String {
 
 #[test]
 fn joined_field_units_fail_over_to_terrestrial_and_hq_sees_the_path() {
-    if !is_root() {
-        eprintln!("skipped: needs root for network namespaces");
+    if !require_root(&["ip", "ping", "curl"]) {
         return;
     }
     let t_start = Instant::now();

@@ -69,12 +69,7 @@ http.server.ThreadingHTTPServer(("127.0.0.1", 18099), H).serve_forever()
 
 #[test]
 fn forged_rolled_back_and_foreign_netmaps_are_refused_and_a_genuine_delta_applies() {
-    let root = std::fs::read_to_string("/proc/self/status").is_ok_and(|s| {
-        s.lines()
-            .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
-    });
-    if !root {
-        eprintln!("skipped: needs root for network namespaces");
+    if !skymesh_e2e::require_root(&["ip", "wg", "python3"]) {
         return;
     }
     let agent = skymesh_e2e::binary("skymesh-agent").expect("agent binary");

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use skymesh_e2e::{
-    binary, in_ns, ip, is_root, ping_once as ping, run, wait_until, Controller, TlsFiles,
+    binary, in_ns, ip, ping_once as ping, require_root, run, wait_until, Controller, TlsFiles,
 };
 
 /// On a failing test, prints the agents' logs (they live in a temp dir about to be removed).
@@ -181,8 +181,7 @@ impl Drop for Agent {
 
 #[test]
 fn agents_join_mesh_route_revoke_and_survive_the_controller_going_away() {
-    if !is_root() {
-        eprintln!("skipped: needs root for network namespaces");
+    if !require_root(&["ip", "wg", "ping", "curl"]) {
         return;
     }
     let pid = std::process::id();
