@@ -12,7 +12,7 @@ use axum::http::{header, Method, Request, StatusCode};
 use common::{wg_key, TestController};
 use http_body_util::BodyExt as _;
 use serde_json::json;
-use skymesh_proto::{NetMap, NodeId, StreamEvent, REFLEXIVE_UPLINK};
+use skymesh_proto::{NetMap, NodeId, StreamEvent};
 use tower::ServiceExt as _;
 
 /// Generous bound for "pushed quickly" so a loaded CI machine does not flake; the latency
@@ -274,7 +274,8 @@ fn with_source(mut req: Request<Body>, from: &str) -> Request<Body> {
 }
 
 #[tokio::test]
-async fn reported_endpoints_and_the_reflexive_address_reach_peers_and_a_repeat_changes_nothing() {
+async fn reported_endpoints_reach_peers_the_connection_source_is_no_endpoint_and_a_repeat_changes_nothing(
+) {
     let tc = TestController::new().await;
     let key = auto_key(&tc).await;
     let (_, cred_a) = tc.register_ok(&key, 1, "hq").await;
@@ -306,8 +307,9 @@ async fn reported_endpoints_and_the_reflexive_address_reach_peers_and_a_repeat_c
         vec![
             ("starlink".into(), "192.168.1.5:51820".into()),
             ("fibre".into(), "198.18.0.2:51820".into()),
-            (REFLEXIVE_UPLINK.into(), "198.19.40.7:51820".into()),
-        ]
+        ],
+        "the API connection's source (198.19.40.7:40000) is a TCP address, not a UDP \
+         endpoint: nodes announce what STUN shows them"
     );
     let serial = map.serial;
     let r = tc.raw(report()).await;

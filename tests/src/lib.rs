@@ -4,6 +4,8 @@
 //! The binaries are the ones `cargo build --workspace` produced (`target/debug` unless
 //! `SKYMESH_BIN_DIR` says otherwise); the tests refuse to run with a clear message otherwise.
 
+pub mod nat;
+
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -69,6 +71,10 @@ impl Controller {
         let mut cmd = in_ns(ns, &exe);
         cmd.args(["serve", "--listen", listen, "--data-dir"])
             .arg(data_dir.path());
+        // Outside a namespace several controllers may run at once: no fixed STUN ports.
+        if ns.is_none() {
+            cmd.args(["--stun-port", "0"]);
+        }
         if let Some(t) = tls {
             cmd.arg("--tls-cert")
                 .arg(&t.cert)
