@@ -153,7 +153,9 @@ pub(crate) fn build_probe(msg: ProbeMessage, out: &mut [u8; PROBE_PACKET_LEN]) {
 /// The probe carried by a decrypted inner packet, if it is one: IPv4, UDP, destination port
 /// [`PROBE_UDP_PORT`], a well-formed probe payload. Never panics.
 pub(crate) fn parse_probe(pkt: &[u8]) -> Option<ProbeMessage> {
-    if pkt.len() < 28 || pkt[0] >> 4 != 4 || pkt[9] != 17 {
+    // Probes carry 0.0.0.0 as both addresses; a packet to port 51899 of a real address (a host
+    // in a subnet behind us) is the peer's data, forwarded like any other.
+    if pkt.len() < 28 || pkt[0] >> 4 != 4 || pkt[9] != 17 || pkt[12..20] != [0; 8] {
         return None;
     }
     let ihl = usize::from(pkt[0] & 0x0f) * 4;
@@ -326,6 +328,13 @@ mod tests {
         assert_eq!(parse_probe(&tcp), None);
         assert_eq!(parse_probe(&pkt[..30]), None);
         assert_eq!(parse_probe(&[]), None);
+        // Port 51899 of a real host (behind a subnet router) is data, not a probe.
+        let mut lan = pkt;
+        lan[16..20].copy_from_slice(&[192, 168, 50, 7]);
+        assert_eq!(parse_probe(&lan), None);
+        let mut from = pkt;
+        from[12..16].copy_from_slice(&[10, 77, 0, 2]);
+        assert_eq!(parse_probe(&from), None);
     }
 
     #[test]

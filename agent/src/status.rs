@@ -18,7 +18,6 @@
 use std::fmt::Write as _;
 use std::io::{self, BufRead as _, BufReader, Read as _, Write as _};
 use std::net::{SocketAddr, TcpListener};
-use std::os::unix::fs::PermissionsExt as _;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Sender};
@@ -68,10 +67,8 @@ impl StatusSocket {
             }
             let _ = std::fs::remove_file(&path);
         }
-        let listener =
-            UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
-            .with_context(|| format!("chmod 0600 {}", path.display()))?;
+        let listener = crate::sys::bind_private_unix(&path)
+            .with_context(|| format!("binding {}", path.display()))?;
         Ok(StatusSocket { listener, path })
     }
 

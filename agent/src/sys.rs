@@ -672,6 +672,35 @@ fn count_allocation() {
     let _ = ALLOCATIONS.try_with(|c| c.set(c.get() + 1));
 }
 
+/// Binds a UNIX socket at `path` that only root can ever connect to: bound inside a fresh
+/// 0700 directory next to it, made 0600, then renamed into place. Binding at `path` directly
+/// and `chmod`ing after leaves a moment in which any local user could connect (the socket is
+/// created with the umask's mode), and changing the umask is process-wide (threads race).
+pub(crate) fn bind_private_unix(
+    path: &std::path::Path,
+) -> io::Result<std::os::unix::net::UnixListener> {
+    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+    let dir = path.parent().unwrap_or_else(|| std::path::Path::new("."));
+    let name = path.file_name().ok_or_else(|| {
+        io::Error::new(io::ErrorKind::InvalidInput, "socket path has no file name")
+    })?;
+    let private = dir.join(format!(
+        ".{}.{}.tmp",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&private); // left by a crash of this very pid: ours
+    std::fs::DirBuilder::new().mode(0o700).create(&private)?;
+    let staged = private.join("sock");
+    let result = std::os::unix::net::UnixListener::bind(&staged).and_then(|l| {
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::rename(&staged, path)?;
+        Ok(l)
+    });
+    let _ = std::fs::remove_dir_all(&private);
+    result
+}
+
 /// Allocations made so far by the calling thread.
 pub(crate) fn thread_allocations() -> u64 {
     ALLOCATIONS.try_with(std::cell::Cell::get).unwrap_or(0)
@@ -701,5 +730,27 @@ unsafe impl std::alloc::GlobalAlloc for CountingAlloc {
         count_allocation();
         // SAFETY: as for `dealloc`; the caller upholds `realloc`'s contract.
         unsafe { std::alloc::System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    #[test]
+    fn a_private_unix_socket_is_0600_from_the_start_and_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("wg9.sock");
+        let listener = super::bind_private_unix(&path).expect("bind");
+        let mode = std::fs::metadata(&path).expect("socket").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+        // Only the socket is left in the directory; it answers at its final path.
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("dir")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("wg9.sock")]);
+        std::os::unix::net::UnixStream::connect(&path).expect("connect");
+        listener.accept().expect("accepted");
     }
 }

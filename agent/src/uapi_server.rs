@@ -3,7 +3,6 @@
 //! line), parses them with the core's parser and hands typed commands to the data plane.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::os::unix::fs::PermissionsExt as _;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Sender};
@@ -44,10 +43,8 @@ impl UapiSocket {
             std::fs::remove_file(&path)
                 .with_context(|| format!("removing stale {}", path.display()))?;
         }
-        let listener =
-            UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
-            .with_context(|| format!("chmod 0600 {}", path.display()))?;
+        let listener = crate::sys::bind_private_unix(&path)
+            .with_context(|| format!("binding {}", path.display()))?;
         Ok(UapiSocket { listener, path })
     }
 

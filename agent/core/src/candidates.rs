@@ -5,8 +5,8 @@
 //! Tier of an endpoint: the priority the peer declared for the uplink behind it (its
 //! `uplinks[].priority`, carried in [`Endpoint::priority`]). An older peer declares none; then
 //! the tier follows the kind, in the order of the example configs (satellite 0, terrestrial 1,
-//! cellular 2, unknown 3). The controller's `reflexive` endpoint (the peer's address as seen
-//! from HQ, e.g. behind Starlink CGNAT) claims no tier: it goes one tier behind the peer's
+//! cellular 2, unknown 3). An older controller's `reflexive` endpoint (the peer's TCP source
+//! address as seen from HQ; today's nodes announce STUN-learned ones) claims no tier: it goes one tier behind the peer's
 //! worst declared one, a last resort when the local addresses are unreachable.
 
 use std::collections::BTreeMap;

@@ -183,9 +183,11 @@ impl Client {
         r: Result<ureq::Response, ureq::Error>,
     ) -> anyhow::Result<T> {
         match r {
-            Ok(resp) => resp
-                .into_json()
-                .with_context(|| format!("{what}: malformed response")),
+            Ok(resp) => {
+                let body = read_capped(resp.into_reader(), MAX_RESPONSE_BYTES)
+                    .with_context(|| format!("{what}: reading the response"))?;
+                serde_json::from_slice(&body).with_context(|| format!("{what}: malformed response"))
+            }
             Err(e) => Err(api_error(what, e)),
         }
     }
@@ -281,10 +283,32 @@ pub(crate) struct ApiFailure {
     pub(crate) message: String,
 }
 
+/// Largest response body read from the controller: a signed full netmap of 10,000 peers is
+/// a few MB. Anything longer is an error, not an allocation the controller (or whoever
+/// impersonates it) can make us do.
+const MAX_RESPONSE_BYTES: u64 = 32 << 20;
+/// Largest error body read (a JSON `{"error":{…}}`).
+const MAX_ERROR_BYTES: u64 = 64 << 10;
+/// Largest event on the netmap stream (a full netmap, as [`MAX_RESPONSE_BYTES`]).
+const MAX_EVENT_BYTES: usize = 32 << 20;
+
+/// Reads all of `r`, failing once it passes `cap` bytes.
+fn read_capped(r: impl Read, cap: u64) -> anyhow::Result<Vec<u8>> {
+    let mut body = Vec::new();
+    r.take(cap + 1).read_to_end(&mut body)?;
+    if body.len() as u64 > cap {
+        anyhow::bail!("longer than {cap} bytes");
+    }
+    Ok(body)
+}
+
 fn api_error(what: &str, e: ureq::Error) -> anyhow::Error {
     match e {
         ureq::Error::Status(status, resp) => {
-            let body: serde_json::Value = resp.into_json().unwrap_or_default();
+            let body: serde_json::Value = read_capped(resp.into_reader(), MAX_ERROR_BYTES)
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
+                .unwrap_or_default();
             anyhow::Error::new(ApiFailure {
                 what: what.to_string(),
                 status,
@@ -320,17 +344,22 @@ impl<R: Read> EventReader<R> {
     }
 
     /// The next event; `Ok(None)` at the end of the stream. Comments (keep-alives) are skipped;
-    /// an event whose data does not parse is an error (the caller reconnects).
+    /// an event whose data does not parse, or that grows past [`MAX_EVENT_BYTES`], is an error
+    /// (the caller reconnects): memory stays bounded whatever the other end sends.
     pub(crate) fn next_event(&mut self) -> anyhow::Result<Option<StreamEvent>> {
         let mut data = String::new();
         loop {
             self.line.clear();
-            let n = self
-                .inner
+            let room = MAX_EVENT_BYTES.saturating_sub(data.len()) as u64 + 2;
+            let n = (&mut self.inner)
+                .take(room)
                 .read_line(&mut self.line)
                 .context("reading the netmap stream")?;
             if n == 0 {
                 return Ok(None);
+            }
+            if !self.line.ends_with('\n') && n as u64 == room {
+                anyhow::bail!("netmap stream event longer than {MAX_EVENT_BYTES} bytes");
             }
             let line = self.line.trim_end_matches(['\r', '\n']);
             if line.is_empty() {
@@ -354,6 +383,28 @@ impl<R: Read> EventReader<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_oversized_stream_event_is_an_error_with_bounded_memory() {
+        // An endless line: the reader gives up after MAX_EVENT_BYTES, not at the end of memory.
+        let endless = std::io::repeat(b'x');
+        let mut r = EventReader::new(Read::chain(&b"data: "[..], endless));
+        let e = r.next_event().expect_err("too long");
+        assert!(e.to_string().contains("longer than"), "{e}");
+        assert!(
+            r.line.capacity() <= 2 * MAX_EVENT_BYTES,
+            "{}",
+            r.line.capacity()
+        );
+        // Many data lines adding up past the cap are refused too.
+        let line = format!("data: {}\n", "y".repeat(1 << 20));
+        let many = line.repeat(40);
+        let mut r = EventReader::new(many.as_bytes());
+        assert!(r.next_event().is_err());
+        // A capped response body likewise.
+        assert!(read_capped(&b"12345"[..], 4).is_err());
+        assert_eq!(read_capped(&b"1234"[..], 4).expect("fits"), b"1234");
+    }
 
     #[test]
     fn sse_events_are_parsed_and_keepalives_skipped() {
