@@ -742,7 +742,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("wg9.sock");
         let listener = super::bind_private_unix(&path).expect("bind");
-        let mode = std::fs::metadata(&path).expect("socket").permissions().mode();
+        let mode = std::fs::metadata(&path)
+            .expect("socket")
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600, "{mode:o}");
         // Only the socket is left in the directory; it answers at its final path.
         let names: Vec<_> = std::fs::read_dir(dir.path())

@@ -57,6 +57,7 @@ fn topology(policy: Policy) -> Topology {
         serial: 42,
         mtu: 1380,
         stun_ports: Vec::new(),
+        relay: None,
         v4_prefix_len: 16,
         v6_prefix_len: 64,
         policy,

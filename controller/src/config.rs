@@ -67,6 +67,9 @@ pub struct Config {
     /// their NAT-mapped address; the next port answers too, so an agent can tell an
     /// endpoint-independent NAT mapping from an endpoint-dependent one. 0 turns it off.
     pub stun_port: u16,
+    /// UDP port of the relay (on the listen address) that forwards WireGuard ciphertext
+    /// between nodes that cannot reach each other directly. 0 turns it off.
+    pub relay_port: u16,
 }
 
 /// `database:` — a shared PostgreSQL database.
@@ -132,6 +135,7 @@ impl Default for Config {
             max_body_bytes: 64 * 1024,
             policy: PolicyConfig::default(),
             stun_port: skymesh_proto::stun::DEFAULT_PORT,
+            relay_port: crate::relay::DEFAULT_PORT,
         }
     }
 }

@@ -12,6 +12,7 @@ pub mod ipam;
 pub mod metrics;
 pub mod netmap;
 pub mod policy;
+pub mod relay;
 pub mod secrets;
 pub mod server;
 pub mod signing;

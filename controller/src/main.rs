@@ -77,6 +77,10 @@ struct ServeArgs {
     /// agents' endpoint discovery (overrides `stun_port`; 0 = off; default 3478).
     #[arg(long, env = "SKYMESH_STUN_PORT")]
     stun_port: Option<u16>,
+    /// UDP port of the relay on the listen address, for nodes that cannot reach each other
+    /// directly (overrides `relay_port`; 0 = off; default 3480).
+    #[arg(long, env = "SKYMESH_RELAY_PORT")]
+    relay_port: Option<u16>,
     /// PEM certificate chain: serve HTTPS (rustls). Without it the API is plain HTTP.
     #[arg(long, env = "SKYMESH_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -184,6 +188,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(v) = args.stun_port {
         config.stun_port = v;
     }
+    if let Some(v) = args.relay_port {
+        config.relay_port = v;
+    }
     let state = open(&config, Clock::System)
         .await
         .context("starting the controller")?;
@@ -209,7 +216,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .iter()
         .map(|s| s.local_addr().map(|a| a.port()))
         .collect::<Result<_, _>>()?;
-    let state = state.with_stun_ports(stun_ports.clone());
+    let mut state = state.with_stun_ports(stun_ports.clone());
+    let relay = skymesh_controller::relay::bind(addr.ip(), config.relay_port)
+        .with_context(|| format!("binding the relay port {}:{}", addr.ip(), config.relay_port))?;
+    if let Some(r) = &relay {
+        state = state.with_relay(r.local_addr()?.port());
+    }
     let store = state.store.clone();
     // Write errors are ignored: a closed stdout (detached service) must not kill the server.
     let mut out = std::io::stdout().lock();
@@ -225,6 +237,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             out,
             "  STUN (endpoint discovery): udp/{first} and udp/{second}"
         );
+    }
+    if let Some(r) = &state.relay {
+        let _ = writeln!(out, "  relay: udp/{}", r.port);
     }
     let _ = writeln!(out, "  get an admin token: {}", token_hint(&config));
     let _ = out.flush();

@@ -19,6 +19,12 @@ pub struct Metrics {
     pub deltas_served: AtomicU64,
     /// Open netmap streams (a gauge kept in an atomic).
     pub streams_open: AtomicU64,
+    /// Relay: frames sent (answers and forwarded datagrams), their bytes, frames dropped, and
+    /// nodes bound now.
+    pub relay_forwarded: AtomicU64,
+    pub relay_bytes: AtomicU64,
+    pub relay_dropped: AtomicU64,
+    pub relay_bindings: AtomicU64,
 }
 
 impl Metrics {
@@ -69,6 +75,21 @@ impl Metrics {
                 "Signed netmap deltas sent on streams.",
                 c(&self.deltas_served),
             ),
+            (
+                "skymesh_relay_frames_sent_total",
+                "Relay frames sent (bind answers and forwarded datagrams).",
+                c(&self.relay_forwarded),
+            ),
+            (
+                "skymesh_relay_bytes_sent_total",
+                "Bytes the relay sent.",
+                c(&self.relay_bytes),
+            ),
+            (
+                "skymesh_relay_dropped_total",
+                "Relay frames dropped (bad token, unbound sender, unknown destination, over budget, malformed).",
+                c(&self.relay_dropped),
+            ),
         ];
         for (name, help, v) in counters {
             let _ = writeln!(
@@ -87,6 +108,12 @@ impl Metrics {
         ] {
             let _ = writeln!(out, "skymesh_nodes{{state=\"{state}\"}} {v}");
         }
+        let _ = writeln!(
+            out,
+            "# HELP skymesh_relay_bindings Nodes bound to this controller's relay.\n\
+             # TYPE skymesh_relay_bindings gauge\nskymesh_relay_bindings {}",
+            c(&self.relay_bindings)
+        );
         let gauges = [
             (
                 "skymesh_topology_serial",

@@ -45,6 +45,8 @@ pub struct Topology {
     pub mtu: u16,
     /// The controller's STUN ports, passed on to every node.
     pub stun_ports: Vec<u16>,
+    /// The controller's relay (port and token key), granted to every active node.
+    pub relay: Option<crate::relay::RelayKey>,
     pub v4_prefix_len: u8,
     pub v6_prefix_len: u8,
     pub policy: Policy,
@@ -69,6 +71,11 @@ pub fn compute(topology: &Topology, id: NodeId, now: u64) -> Option<NetMap> {
         tags: me.tags.clone(),
         expires_at: me.expires_at,
         stun_ports: topology.stun_ports.clone(),
+        relay: topology
+            .relay
+            .as_ref()
+            .filter(|_| me.is_active(now))
+            .map(|r| r.grant(&me.public_key)),
     };
     let mut peers = Vec::new();
     if me.is_active(now) {
@@ -129,6 +136,7 @@ mod tests {
             serial: 9,
             mtu: 1380,
             stun_ports: Vec::new(),
+            relay: None,
             v4_prefix_len: 16,
             v6_prefix_len: 64,
             policy,

@@ -8,6 +8,7 @@ mod api;
 mod delta;
 mod keys;
 mod netmap;
+pub mod relay;
 mod signed;
 pub mod stun;
 
@@ -20,7 +21,7 @@ pub use delta::{
     diff, sign_delta, ApplyError, NetMapDelta, SignedDelta, StreamEvent, DELTA_SIGNING_CONTEXT,
 };
 pub use keys::{ControllerPublicKey, KeyParseError, NodeId, WgPublicKey};
-pub use netmap::{Endpoint, NetMap, PeerEntry, SelfNode, UplinkKind};
+pub use netmap::{Endpoint, NetMap, PeerEntry, RelayGrant, SelfNode, UplinkKind};
 pub use signed::{sign_netmap, SignedNetMap, VerifyError, NETMAP_SIGNING_CONTEXT};
 
 /// Re-exported so users of [`SignedNetMap::verify`] need not depend on `ed25519-dalek` directly.

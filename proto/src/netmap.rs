@@ -58,6 +58,19 @@ pub struct SelfNode {
     /// endpoint-independent mapping from an endpoint-dependent one.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub stun_ports: Vec<u16>,
+    /// The controller's relay, when it runs one: its UDP port on the controller's address and
+    /// this node's token for binding to it (see `skymesh_proto::relay`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay: Option<RelayGrant>,
+}
+
+/// Permission to use a relay: where it listens and the node's token (base64 of the
+/// controller's HMAC of the node's WireGuard key; only this node's netmap carries it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct RelayGrant {
+    pub port: u16,
+    pub token: String,
 }
 
 /// One peer the receiving node may talk to.

@@ -73,7 +73,7 @@ impl Controller {
             .arg(data_dir.path());
         // Outside a namespace several controllers may run at once: no fixed STUN ports.
         if ns.is_none() {
-            cmd.args(["--stun-port", "0"]);
+            cmd.args(["--stun-port", "0", "--relay-port", "0"]);
         }
         if let Some(t) = tls {
             cmd.arg("--tls-cert")

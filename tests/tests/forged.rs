@@ -26,6 +26,7 @@ fn map(node: u64, serial: u64, peers: &[u8]) -> NetMap {
             tags: vec![],
             expires_at: None,
             stun_ports: Vec::new(),
+            relay: None,
         },
         peers: peers
             .iter()

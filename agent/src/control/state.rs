@@ -202,6 +202,7 @@ mod tests {
                 tags: vec![],
                 expires_at: None,
                 stun_ports: Vec::new(),
+                relay: None,
             },
             peers: peers
                 .iter()

@@ -45,6 +45,8 @@ pub struct AppState {
     /// Ports of this controller's STUN reflector, handed to agents in their netmap (empty:
     /// none runs, e.g. in tests that serve the router directly).
     pub stun_ports: Vec<u16>,
+    /// This controller's relay, when it runs one (see [`crate::relay`]).
+    pub relay: Option<crate::relay::RelayKey>,
     /// The last [`TOPOLOGY_HISTORY`] topology snapshots, newest last: the newest is reused
     /// while the serial is unchanged; older ones let a stream resume with a delta.
     topology: Arc<Mutex<VecDeque<Arc<Topology>>>>,
@@ -76,6 +78,7 @@ impl AppState {
             metrics: Arc::new(Metrics::default()),
             clock,
             stun_ports: Vec::new(),
+            relay: None,
             topology: Arc::new(Mutex::new(VecDeque::with_capacity(TOPOLOGY_HISTORY))),
             changes: watch::Sender::new(0),
             closing: watch::Sender::new(false),
@@ -86,6 +89,12 @@ impl AppState {
     /// serving: the netmap of every node carries them).
     pub fn with_stun_ports(mut self, ports: Vec<u16>) -> Self {
         self.stun_ports = ports;
+        self
+    }
+
+    /// The same state, granting every node the relay on `port` (set once, before serving).
+    pub fn with_relay(mut self, port: u16) -> Self {
+        self.relay = Some(crate::relay::RelayKey::new(&self.signing_key, port));
         self
     }
 
@@ -149,6 +158,7 @@ impl AppState {
             serial,
             mtu: self.mtu,
             stun_ports: self.stun_ports.clone(),
+            relay: self.relay.clone(),
             v4_prefix_len: pools.v4.prefix_len(),
             v6_prefix_len: pools.v6.prefix_len(),
             policy: self.policy.clone(),
