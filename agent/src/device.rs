@@ -29,7 +29,9 @@ use skymesh_agent_core::offload::{finish_checksum, Offload, VnetHdr, VNET_HDR_LE
 use skymesh_agent_core::path::{
     LinkState, PathAgent, PathEvent, PathId, ProbeMessage, RemoteEndpoint, Role, UplinkId,
 };
+use skymesh_agent_core::relay::{self as relay_paths, RelayClient};
 use skymesh_agent_core::uapi::{errno, DeviceInfo, PeerChange, PeerInfo, SetRequest, Setting};
+use skymesh_proto::relay::{self as relay_frames, Frame};
 use skymesh_proto::stun;
 
 use crate::fastpath::{FastStats, RxBatch, TxBufs, GSO_MAX_BYTES, GSO_MAX_SEGS, MAX_SEGS};
@@ -83,6 +85,8 @@ pub(crate) enum Command {
     Status(SyncSender<StatusReport>),
     /// The STUN reflectors endpoint discovery asks (an empty list stops it).
     SetStunServers(Vec<SocketAddr>),
+    /// The relay and this node's token for it (`None`: no relay).
+    SetRelay(Option<(SocketAddr, [u8; relay_frames::TOKEN_LEN])>),
 }
 
 /// Counters of dropped input, kept per device; logged at shutdown and on demand.
@@ -197,6 +201,10 @@ pub(crate) struct Device {
     failover: Option<Failover>,
     /// Reflexive address and NAT kind of every uplink socket (STUN on the WireGuard sockets).
     discovery: Discovery,
+    /// Binding to the relay; `relayed` is the relay the peers' relayed candidates go through
+    /// now (set while bound).
+    relay: RelayClient,
+    relayed: Option<SocketAddr>,
 }
 
 /// Failover state shared by all managed peers.
@@ -272,6 +280,7 @@ impl Device {
         epoll.add(ctl.raw_fd(), TOKEN_CTL)?;
         epoll.add(signals.raw_fd(), TOKEN_SIGNAL)?;
         let discovery = Discovery::new(&uplinks.discovery_sockets(), nonce_seed());
+        let relay = RelayClient::new(&uplinks.discovery_sockets(), [0; 32]);
         let dev = Device {
             iface: iface.to_owned(),
             tun,
@@ -296,6 +305,8 @@ impl Device {
             fast: FastStats::default(),
             status_allocs: 0,
             discovery,
+            relay,
+            relayed: None,
             failover,
         };
         dev.register_uplinks()?;
@@ -322,6 +333,7 @@ impl Device {
             }
             self.drive_paths(now);
             self.drive_discovery(now);
+            self.drive_relay(now);
             let wake = match self.failover.as_ref().and_then(|f| f.deadline) {
                 Some(d) => d.min(next_tick),
                 None => next_tick,
@@ -375,6 +387,10 @@ impl Device {
                 Command::SetStunServers(servers) => {
                     self.discovery.set_servers(&servers, Instant::now());
                     self.drive_discovery(Instant::now());
+                }
+                Command::SetRelay(relay) => {
+                    self.relay.configure(relay, Instant::now());
+                    self.drive_relay(Instant::now());
                 }
             }
         }
@@ -563,7 +579,11 @@ impl Device {
 
     fn handle_datagram(&mut self, uplink: usize, datagram: &[u8], src: SocketAddr) {
         let n = datagram.len();
-        // STUN answers share the socket (one byte compare for transport data).
+        // Relay frames and STUN answers share the socket (one byte compare for transport data).
+        if datagram.first() == Some(&relay_frames::MAGIC[0]) {
+            self.handle_relay_frame(uplink, datagram, src);
+            return;
+        }
         if datagram.first() != Some(&MSG_DATA) && stun::is_stun(datagram) {
             if !self.discovery.handle_response(src, datagram) {
                 self.drops.malformed += 1;
@@ -871,7 +891,8 @@ impl Device {
             for (_, fd) in self.uplinks.fds() {
                 let _ = self.epoll.delete(fd);
             }
-            self.uplinks = u;
+            let old = std::mem::replace(&mut self.uplinks, u);
+            self.uplinks.adopt_relay(old);
             if let Err(e) = self.register_uplinks() {
                 tracing::error!(error = %e, "cannot poll new UDP sockets");
             }
@@ -927,6 +948,7 @@ impl Device {
         // A peer with our own public key cannot be talked to; wireguard-go drops it.
         if let Some(own) = self.local.as_ref().map(|l| Key(l.public.to_bytes())) {
             self.remove_peer(&own);
+            self.relay.set_key(own.0, Instant::now());
         }
         let now = Instant::now();
         for slot in 0..self.peers.len() {
@@ -982,6 +1004,7 @@ impl Device {
             self.by_index.remove(&peer.index);
         }
         self.allowed.retain(|_, s| *s as usize != slot);
+        self.uplinks.set_relay_key(slot, None);
         self.free_slots.push(slot);
         tracing::debug!(peer = %key.to_base64(), "peer removed");
     }
@@ -1049,6 +1072,7 @@ impl Device {
                 };
                 self.by_key.insert(change.public_key, slot);
                 self.by_index.insert(index, slot);
+                self.uplinks.set_relay_key(slot, Some(change.public_key.0));
                 self.attach_paths(slot);
                 tracing::debug!(peer = %change.public_key.to_base64(), "peer added");
                 slot
@@ -1111,7 +1135,8 @@ impl Device {
             return;
         };
         let now = Instant::now();
-        let mut agent = PathAgent::new(&f.setup.config, eps, nonce_seed(), now);
+        let eps = Self::candidates_with_relay(self.relayed, eps, slot);
+        let mut agent = PathAgent::new(&f.setup.config, &eps, nonce_seed(), now);
         for (i, &(_, up)) in f.links.iter().enumerate() {
             if let (false, Ok(id)) = (up, u8::try_from(i)) {
                 agent.handle_link_event(UplinkId(id), LinkState::Down, now);
@@ -1159,7 +1184,8 @@ impl Device {
         let Some(slot) = slot else { return 0 };
         let managed = match self.peers[slot].as_mut().and_then(|p| p.paths.as_mut()) {
             Some(pp) => {
-                pp.agent.set_remote_endpoints(&endpoints, now);
+                let eps = Self::candidates_with_relay(self.relayed, &endpoints, slot);
+                pp.agent.set_remote_endpoints(&eps, now);
                 true
             }
             None => false,
@@ -1187,6 +1213,92 @@ impl Device {
             {
                 self.drops.io_errors += 1;
             }
+        }
+    }
+
+    /// Sends due relay `BIND`s and, when the relay became bound or unbound, gives every managed
+    /// peer its relayed candidate or takes it away.
+    fn drive_relay(&mut self, now: Instant) {
+        if self.relay.poll_timeout().is_some_and(|t| t <= now) {
+            while let Some(t) = self.relay.poll_transmit(&mut self.tx_buf, now) {
+                if self
+                    .uplinks
+                    .send_via(t.socket, t.to, &self.tx_buf[..t.len])
+                    .is_err()
+                {
+                    self.drops.io_errors += 1;
+                }
+            }
+        }
+        let bound = self.relay.bound_server(now);
+        if bound != self.relayed {
+            tracing::info!(relay = ?bound, "relay binding changed");
+            self.relayed = bound;
+            self.uplinks.set_relay(bound);
+            self.refresh_relay_candidates(now);
+        }
+    }
+
+    /// A relay frame from `src`: the relay's `BOUND`, or a peer's datagram it `DELIVER`s
+    /// (handled as coming from the peer's virtual relayed address). Anything else, or anything
+    /// not from the configured relay, is dropped.
+    fn handle_relay_frame(&mut self, uplink: usize, datagram: &[u8], src: SocketAddr) {
+        if Some(src) != self.relay.server() {
+            self.drops.malformed += 1;
+            return;
+        }
+        match relay_frames::parse(datagram) {
+            Some(Frame::Bound { key }) => {
+                self.relay.handle_bound(uplink, src, &key, Instant::now());
+            }
+            Some(Frame::Deliver { from, datagram }) if (1..=4).contains(&datagram[0]) => match self
+                .by_key
+                .get(&Key(from))
+                .and_then(|&slot| relay_paths::virtual_addr(slot))
+            {
+                Some(virt) => self.handle_datagram(uplink, datagram, virt),
+                None => self.drops.unknown_index += 1,
+            },
+            _ => self.drops.malformed += 1,
+        }
+    }
+
+    /// A peer's candidates as its path agent gets them: the netmap's, plus the relayed path
+    /// one tier below its worst one while the relay is bound.
+    fn candidates_with_relay(
+        relayed: Option<SocketAddr>,
+        eps: &[RemoteEndpoint],
+        slot: usize,
+    ) -> Vec<RemoteEndpoint> {
+        let mut out = eps.to_vec();
+        if let (Some(_), Some(addr)) = (relayed, relay_paths::virtual_addr(slot)) {
+            let worst = eps.iter().map(|e| e.priority).max().unwrap_or(0);
+            out.push(RemoteEndpoint {
+                addr,
+                priority: worst.saturating_add(1),
+            });
+        }
+        out
+    }
+
+    fn refresh_relay_candidates(&mut self, now: Instant) {
+        let Some(f) = self.failover.as_ref() else {
+            return;
+        };
+        let relayed = self.relayed;
+        for slot in 0..self.peers.len() {
+            let Some(peer) = self.peers[slot].as_mut() else {
+                continue;
+            };
+            let (Some(pp), Some(eps)) = (peer.paths.as_mut(), f.candidates.get(&peer.public_key))
+            else {
+                continue;
+            };
+            pp.agent
+                .set_remote_endpoints(&Self::candidates_with_relay(relayed, eps, slot), now);
+        }
+        for slot in 0..self.peers.len() {
+            self.drive_peer(slot);
         }
     }
 

@@ -104,6 +104,15 @@ enum Request {
     SetStunServers {
         servers: Vec<SocketAddr>,
     },
+    /// `{"set_relay":{"server":"198.18.0.2:3480","token":"<base64>"}}`, or `null` for none.
+    SetRelay(Option<RelayJson>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RelayJson {
+    server: SocketAddr,
+    token: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -118,12 +127,41 @@ fn error_json(msg: &str) -> String {
     serde_json::json!({ "error": msg }).to_string()
 }
 
+/// Hands the data plane a command that needs no answer: `{"errno":0}` once queued.
+fn post(tx: &Sender<Command>, wake: &EventFd, cmd: Command) -> String {
+    match tx
+        .send(cmd)
+        .map_err(|_| io::Error::other("data plane stopped"))
+        .and_then(|()| wake.notify())
+    {
+        Ok(()) => serde_json::json!({ "errno": 0 }).to_string(),
+        Err(e) => error_json(&e.to_string()),
+    }
+}
+
 fn answer(line: &str, tx: &Sender<Command>, wake: &EventFd) -> String {
     let req = match serde_json::from_str::<Request>(line) {
         Ok(r) => r,
         Err(e) => return error_json(&format!("bad request: {e}")),
     };
     match req {
+        Request::SetRelay(relay) => {
+            let relay = match relay {
+                None => None,
+                Some(r) => {
+                    use base64::Engine as _;
+                    let token = base64::engine::general_purpose::STANDARD
+                        .decode(&r.token)
+                        .ok()
+                        .and_then(|t| <[u8; skymesh_proto::relay::TOKEN_LEN]>::try_from(t).ok());
+                    match token {
+                        Some(t) => Some((r.server, t)),
+                        None => return error_json("set_relay.token: not 16 bytes of base64"),
+                    }
+                }
+            };
+            post(tx, wake, Command::SetRelay(relay))
+        }
         Request::SetStunServers { servers } => {
             if servers.len() > MAX_STUN_SERVERS {
                 return error_json(&format!(
@@ -131,14 +169,7 @@ fn answer(line: &str, tx: &Sender<Command>, wake: &EventFd) -> String {
                     servers.len()
                 ));
             }
-            match tx
-                .send(Command::SetStunServers(servers))
-                .map_err(|_| io::Error::other("data plane stopped"))
-                .and_then(|()| wake.notify())
-            {
-                Ok(()) => serde_json::json!({ "errno": 0 }).to_string(),
-                Err(e) => error_json(&e.to_string()),
-            }
+            post(tx, wake, Command::SetStunServers(servers))
         }
         Request::Status => match snapshot(tx, wake) {
             Ok(r) => serde_json::to_string(&r).unwrap_or_default(),

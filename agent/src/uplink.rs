@@ -15,6 +15,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::os::fd::{AsRawFd as _, RawFd};
 
 use skymesh_agent_core::path::{UplinkConfig, UplinkId};
+use skymesh_agent_core::relay;
+use skymesh_proto::relay as frames;
 
 use crate::sys;
 
@@ -69,6 +71,12 @@ pub(crate) struct Uplinks {
     by_uplink: Vec<[Option<usize>; 2]>,
     /// The uplink without interface or source address, if any: it owns the wildcard sockets.
     routed: Option<UplinkId>,
+    /// The relay that sends to virtual relayed addresses go through (see
+    /// `skymesh_agent_core::relay`), and the peers' public keys by device slot.
+    relay: Option<SocketAddr>,
+    relay_keys: Vec<Option<[u8; 32]>>,
+    /// Where relayed datagrams are framed (allocated once, reused).
+    relay_buf: std::cell::RefCell<Box<[u8]>>,
 }
 
 impl Uplinks {
@@ -152,6 +160,11 @@ impl Uplinks {
             sockets,
             by_uplink,
             routed,
+            relay: None,
+            relay_keys: Vec::new(),
+            relay_buf: std::cell::RefCell::new(
+                vec![0u8; 65_536 + frames::OVERHEAD].into_boxed_slice(),
+            ),
         })
     }
 
@@ -177,6 +190,62 @@ impl Uplinks {
     #[inline]
     pub(crate) fn uplink_of(&self, i: usize) -> Option<UplinkId> {
         self.sockets.get(i).and_then(|s| s.uplink.or(self.routed))
+    }
+
+    /// Sets the relay that virtual relayed addresses go through (`None`: sends to them fail).
+    pub(crate) fn set_relay(&mut self, relay: Option<SocketAddr>) {
+        self.relay = relay;
+    }
+
+    /// Takes over the relay and peer keys of the sockets these replace (a new listen port).
+    pub(crate) fn adopt_relay(&mut self, old: Uplinks) {
+        self.relay = old.relay;
+        self.relay_keys = old.relay_keys;
+    }
+
+    /// Records the public key of the peer in `slot` (or forgets it), for relay framing.
+    pub(crate) fn set_relay_key(&mut self, slot: usize, key: Option<[u8; 32]>) {
+        if self.relay_keys.len() <= slot {
+            self.relay_keys.resize(slot + 1, None);
+        }
+        self.relay_keys[slot] = key;
+    }
+
+    /// Where a datagram for `to` really goes: a virtual relayed address becomes the relay and
+    /// the peer's key to frame it with; any other address is itself.
+    #[inline]
+    fn route(&self, to: SocketAddr) -> io::Result<(SocketAddr, Option<[u8; 32]>)> {
+        let Some(slot) = relay::virtual_slot(to) else {
+            return Ok((to, None));
+        };
+        match (self.relay, self.relay_keys.get(slot).copied().flatten()) {
+            (Some(server), Some(key)) => Ok((server, Some(key))),
+            _ => Err(io::ErrorKind::AddrNotAvailable.into()),
+        }
+    }
+
+    /// Sends `buf` (datagrams of `seg` bytes) to `to` on `s`, each framed as a relay `SEND`
+    /// to `key` when given.
+    fn transmit(
+        &self,
+        s: &Socket,
+        to: SocketAddr,
+        key: Option<[u8; 32]>,
+        buf: &[u8],
+        seg: usize,
+    ) -> io::Result<usize> {
+        let Some(key) = key else {
+            return s.send_segments(to, buf, seg);
+        };
+        let mut out = self.relay_buf.borrow_mut();
+        frames::encode_send_header(&key, &mut out);
+        let mut sent = 0;
+        for d in buf.chunks(seg.max(1)) {
+            let n = frames::OVERHEAD + d.len();
+            out[frames::OVERHEAD..n].copy_from_slice(d);
+            sent += s.sock.send_to(&out[..n], to)?;
+        }
+        Ok(sent)
     }
 
     /// Whether socket `i` is an IPv6 one.
@@ -228,8 +297,9 @@ impl Uplinks {
         buf: &[u8],
         seg: usize,
     ) -> io::Result<usize> {
+        let (to, key) = self.route(to)?;
         match self.socket_for(via, to) {
-            Some(s) => s.send_segments(to, buf, seg),
+            Some(s) => self.transmit(s, to, key, buf, seg),
             None => Err(io::ErrorKind::AddrNotAvailable.into()),
         }
     }
@@ -242,8 +312,9 @@ impl Uplinks {
     /// Sends through socket `i` (a reply on the socket the request came in on).
     #[inline]
     pub(crate) fn send_via(&self, i: usize, to: SocketAddr, buf: &[u8]) -> io::Result<usize> {
+        let (real, key) = self.route(to)?;
         match self.sockets.get(i) {
-            Some(u) if u.v6 == to.is_ipv6() => u.sock.send_to(buf, to),
+            Some(u) if u.v6 == real.is_ipv6() => self.transmit(u, real, key, buf, buf.len()),
             _ => self.send(to, buf),
         }
     }
@@ -267,8 +338,9 @@ impl Uplinks {
         if usize::from(uplink.0) >= self.by_uplink.len() {
             return Err(io::ErrorKind::AddrNotAvailable.into());
         }
-        match self.uplink_socket(uplink, to) {
-            Some(s) => s.sock.send_to(buf, to),
+        let (real, key) = self.route(to)?;
+        match self.uplink_socket(uplink, real) {
+            Some(s) => self.transmit(s, real, key, buf, buf.len()),
             None => self.send(to, buf),
         }
     }
@@ -276,12 +348,13 @@ impl Uplinks {
     /// Sends through the wildcard socket of `to`'s address family.
     #[inline]
     pub(crate) fn send(&self, to: SocketAddr, buf: &[u8]) -> io::Result<usize> {
+        let (real, key) = self.route(to)?;
         match self
             .sockets
             .iter()
-            .find(|u| u.uplink.is_none() && u.v6 == to.is_ipv6())
+            .find(|u| u.uplink.is_none() && u.v6 == real.is_ipv6())
         {
-            Some(u) => u.sock.send_to(buf, to),
+            Some(u) => self.transmit(u, real, key, buf, buf.len()),
             None => Err(io::ErrorKind::AddrNotAvailable.into()),
         }
     }

@@ -246,8 +246,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     drop(out);
     tracing::info!(%addr, "serving");
     let sweeper = tokio::spawn(skymesh_controller::run_expiry_sweeper(state.clone()));
-    let reflectors =
+    let mut reflectors =
         skymesh_controller::stun::spawn(stun).context("starting the STUN reflector")?;
+    if let Some(r) = relay {
+        reflectors.push(
+            skymesh_controller::relay::spawn(r, state.clone()).context("starting the relay")?,
+        );
+    }
     skymesh_controller::server::serve(listener, state, tls, shutdown_signal())
         .await
         .context("serving")?;

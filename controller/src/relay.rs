@@ -268,9 +268,9 @@ impl Relay {
     }
 }
 
-/// The WireGuard keys of the nodes active in the newest topology.
-async fn active_keys(state: &AppState) -> Option<HashSet<[u8; 32]>> {
-    let t = state.topology_at_least(0).await.ok()?;
+/// The WireGuard keys of the nodes active in the topology at `serial` or newer.
+async fn active_keys(state: &AppState, serial: u64) -> Option<HashSet<[u8; 32]>> {
+    let t = state.topology_at_least(serial).await.ok()?;
     let now = state.clock.now();
     Some(
         t.nodes
@@ -286,10 +286,11 @@ async fn serve(sock: tokio::net::UdpSocket, state: AppState) {
         return;
     };
     let mut relay = Relay::new(key);
-    if let Some(keys) = active_keys(&state).await {
+    let mut changes = state.subscribe();
+    let serial = *changes.borrow_and_update();
+    if let Some(keys) = active_keys(&state, serial).await {
         relay.set_allowed(keys);
     }
-    let mut changes = state.subscribe();
     let mut sweep = tokio::time::interval(Duration::from_secs(10));
     let mut buf = vec![0u8; 65_536];
     let mut out = vec![0u8; 65_536];
@@ -314,7 +315,8 @@ async fn serve(sock: tokio::net::UdpSocket, state: AppState) {
                 if c.is_err() {
                     return;
                 }
-                if let Some(keys) = active_keys(&state).await {
+                let serial = *changes.borrow_and_update();
+                if let Some(keys) = active_keys(&state, serial).await {
                     relay.set_allowed(keys);
                 }
             }

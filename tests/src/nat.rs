@@ -41,16 +41,7 @@ impl Drop for Topology {
             let _ = c.wait();
         }
         if std::thread::panicking() {
-            for f in std::fs::read_dir(self.dir.path())
-                .into_iter()
-                .flatten()
-                .flatten()
-            {
-                if f.path().extension().is_some_and(|e| e == "log") {
-                    let text = std::fs::read_to_string(f.path()).unwrap_or_default();
-                    eprintln!("===== {}\n{text}", f.path().display());
-                }
-            }
+            self.dump_logs();
         }
         for ns in &self.names {
             if let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() {
@@ -78,6 +69,13 @@ fn link(ns_a: &str, a: &str, addr_a: &str, ns_b: &str, b: &str, addr_b: &str) {
     ip(&["-n", ns_b, "link", "set", b, "up"]);
 }
 
+/// A number unique within this process (two digits), so that topologies built one after the
+/// other never share a name (a namespace or socket of the previous one may still be going).
+fn next_run() -> u32 {
+    static RUNS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 100
+}
+
 /// Writes `rules` to a file and loads them with `nft -f` in `ns`.
 fn nft(ns: &str, rules: &str, dir: &Path) {
     let file = dir.join(format!("{ns}.nft"));
@@ -86,13 +84,43 @@ fn nft(ns: &str, rules: &str, dir: &Path) {
 }
 
 impl Topology {
-    /// Builds the namespaces; `hard_b`: unit B's carrier NAT is endpoint-dependent. `None`
-    /// only when root or a tool is missing and the opt-out is set (see `require_root`).
+    /// Prints every agent's control and device log (for a failed test or measurement).
+    pub fn dump_logs(&self) {
+        for f in std::fs::read_dir(self.dir.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            // Each agent's control log, and its device's log in its state dir.
+            let device = f.path().join("device.log");
+            for log in [f.path(), device] {
+                if log.extension().is_some_and(|e| e == "log") && log.is_file() {
+                    let text = std::fs::read_to_string(&log).unwrap_or_default();
+                    eprintln!("===== {}\n{text}", log.display());
+                }
+            }
+        }
+    }
+
+    /// [`Topology::nat`] with unit A behind an easy NAT.
     pub fn build(hard_b: bool) -> Option<Topology> {
+        Self::nat(false, hard_b)
+    }
+
+    /// Builds the namespaces; `hard_a`/`hard_b`: that unit's carrier NAT is
+    /// endpoint-dependent (`masquerade random`). `None`
+    /// only when root or a tool is missing and the opt-out is set (see `require_root`).
+    pub fn nat(hard_a: bool, hard_b: bool) -> Option<Topology> {
         if !require_root(&["ip", "nft", "ping", "curl", "sysctl"]) {
             return None;
         }
-        let p = format!("nt{}{}", std::process::id() % 10_000, u8::from(hard_b));
+        let p = format!(
+            "nt{}{}{}{}",
+            std::process::id() % 10_000,
+            u8::from(hard_a),
+            u8::from(hard_b),
+            next_run()
+        );
         let names: Vec<String> = ["hq", "nata", "natb", "ua", "ub", "wan"]
             .iter()
             .map(|n| format!("{p}{n}"))
@@ -158,7 +186,7 @@ impl Topology {
         ip(&["-n", ua, "route", "add", "default", "via", "100.64.1.1"]);
         ip(&["-n", ub, "route", "add", "default", "via", "100.64.2.1"]);
         for (ns, oif, hard) in [
-            (nata, format!("{p}n1"), false),
+            (nata, format!("{p}n1"), hard_a),
             (natb, format!("{p}n2"), hard_b),
         ] {
             let rules = format!(
@@ -185,7 +213,7 @@ impl Topology {
         if !require_root(&["ip", "ping", "curl"]) {
             return None;
         }
-        let p = format!("nf{}", std::process::id() % 10_000);
+        let p = format!("nf{}{}", std::process::id() % 10_000, next_run());
         let names: Vec<String> = ["lan", "h1", "h2", "h3"]
             .iter()
             .map(|n| format!("{p}{n}"))
@@ -203,22 +231,22 @@ impl Topology {
         let lan = names[0].as_str();
         ip(&["-n", lan, "link", "add", "br0", "type", "bridge"]);
         ip(&["-n", lan, "link", "set", "br0", "up"]);
-        for i in 1..=3 {
+        for (i, ns) in names.iter().enumerate().skip(1) {
             let (port, host) = (format!("{p}b{i}"), format!("{p}e{i}"));
             ip(&["link", "add", &port, "type", "veth", "peer", "name", &host]);
             ip(&["link", "set", &port, "netns", lan]);
-            ip(&["link", "set", &host, "netns", &names[i]]);
+            ip(&["link", "set", &host, "netns", ns]);
             ip(&["-n", lan, "link", "set", &port, "master", "br0", "up"]);
             ip(&[
                 "-n",
-                &names[i],
+                ns,
                 "addr",
                 "add",
                 &format!("198.18.10.{i}/24"),
                 "dev",
                 &host,
             ]);
-            ip(&["-n", &names[i], "link", "set", &host, "up"]);
+            ip(&["-n", ns, "link", "set", &host, "up"]);
         }
         Some(t)
     }
@@ -307,4 +335,18 @@ pub fn public_key_of(c: &Controller, hqns: &str, name: &str) -> String {
         .and_then(|n| n["public_key"].as_str())
         .map(str::to_owned)
         .unwrap_or_default()
+}
+
+/// Starts the controller in namespace `ns` on `addr` and creates a reusable, auto-approving
+/// enrollment key for `uses` nodes; returns both.
+pub fn controller_with_key(ns: &str, addr: &str, uses: u32) -> (Controller, String) {
+    let c = Controller::start(Some(ns), addr).expect("controller");
+    let key = c.api(
+        ns,
+        "POST",
+        "/api/v1/enrollment-keys",
+        Some(&serde_json::json!({"reusable": true, "auto_approve": true, "max_uses": uses})),
+    );
+    let key = key["key"].as_str().expect("enrollment key").to_owned();
+    (c, key)
 }

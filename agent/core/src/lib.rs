@@ -9,5 +9,6 @@ pub mod key;
 pub mod offload;
 pub mod path;
 pub mod plan;
+pub mod relay;
 pub mod uapi;
 pub mod wgquick;

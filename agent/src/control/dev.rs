@@ -154,19 +154,38 @@ pub(crate) fn failover_status(iface: &str) -> anyhow::Result<crate::paths::Statu
     serde_json::from_str(&body).with_context(|| format!("unexpected status answer: {body}"))
 }
 
+/// Sends `req` on the status socket; Ok when the device answers `{"errno":0}`.
+fn command(iface: &str, what: &str, req: &serde_json::Value) -> anyhow::Result<()> {
+    let body = status_request(iface, &req.to_string())?;
+    let v: serde_json::Value =
+        serde_json::from_str(&body).with_context(|| format!("unexpected answer: {body}"))?;
+    match v.get("errno").and_then(serde_json::Value::as_i64) {
+        Some(0) => Ok(()),
+        _ => bail!("device refused {what}: {body}"),
+    }
+}
+
 /// Tells the device which STUN reflectors to ask (`SetStunServers`).
 pub(crate) fn set_stun_servers(
     iface: &str,
     servers: &[std::net::SocketAddr],
 ) -> anyhow::Result<()> {
     let req = serde_json::json!({ "set_stun_servers": { "servers": servers } });
-    let body = status_request(iface, &req.to_string())?;
-    let v: serde_json::Value =
-        serde_json::from_str(&body).with_context(|| format!("unexpected answer: {body}"))?;
-    match v.get("errno").and_then(serde_json::Value::as_i64) {
-        Some(0) => Ok(()),
-        _ => bail!("device refused set_stun_servers: {body}"),
-    }
+    command(iface, "set_stun_servers", &req)
+}
+
+/// Tells the device which relay to bind to, with this node's token (`SetRelay`).
+pub(crate) fn set_relay(
+    iface: &str,
+    relay: Option<(std::net::SocketAddr, &str)>,
+) -> anyhow::Result<()> {
+    let req = match relay {
+        Some((server, token)) => {
+            serde_json::json!({ "set_relay": { "server": server, "token": token } })
+        }
+        None => serde_json::json!({ "set_relay": null }),
+    };
+    command(iface, "set_relay", &req)
 }
 
 /// Gives the device a peer's candidate endpoints with the peer's tiers (`SetPeerPaths`); an
@@ -183,11 +202,5 @@ pub(crate) fn set_peer_paths(
     let req = serde_json::json!({
         "set_peer_paths": { "public_key": key.to_string(), "endpoints": eps }
     });
-    let body = status_request(iface, &req.to_string())?;
-    let v: serde_json::Value =
-        serde_json::from_str(&body).with_context(|| format!("unexpected answer: {body}"))?;
-    match v.get("errno").and_then(serde_json::Value::as_i64) {
-        Some(0) => Ok(()),
-        _ => bail!("device refused set_peer_paths for {key}: {body}"),
-    }
+    command(iface, &format!("set_peer_paths for {key}"), &req)
 }

@@ -398,6 +398,7 @@ fn report_loop(
     // What STUN found per uplink socket (device status), and which reflectors it was given.
     let mut discovered: Vec<crate::paths::DiscoveryStatus> = Vec::new();
     let mut stun_ports: Option<Vec<u16>> = None;
+    let mut relay_sent: Option<Option<skymesh_proto::RelayGrant>> = None;
     let mut endpoints_sent = false;
     // Address changes (a carrier renumbering the uplink, DHCP, SLAAC) are re-announced within
     // one loop turn; the poll stays as a fallback for a lost notification.
@@ -456,6 +457,28 @@ fn report_loop(
                 .lock()
                 .ok()
                 .and_then(|m| m.as_ref().map(|m| m.node.stun_ports.clone()));
+            // The relay: the controller's host on the port its netmap grants, with our token.
+            let grant = shared
+                .map
+                .lock()
+                .ok()
+                .and_then(|m| m.as_ref().map(|m| m.node.relay.clone()));
+            if grant.is_some() && grant != relay_sent {
+                let g = grant.clone().flatten();
+                let server = g.as_ref().and_then(|g| {
+                    failover::stun_servers(&st.controller_url, &[g.port])
+                        .into_iter()
+                        .next()
+                });
+                let arg = server.zip(g.as_ref().map(|g| g.token.as_str()));
+                match dev::set_relay(&st.iface, arg) {
+                    Ok(()) => {
+                        tracing::info!(relay = ?server, "relay set");
+                        relay_sent = grant;
+                    }
+                    Err(e) => tracing::debug!(error = %format!("{e:#}"), "setting the relay"),
+                }
+            }
             if ports.is_some() && ports != stun_ports {
                 let ports = ports.unwrap_or_default();
                 let servers = failover::stun_servers(&st.controller_url, &ports);

@@ -14,9 +14,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use clap::Parser;
-use serde_json::json;
-use skymesh_e2e::nat::{overlay_v4, Topology};
-use skymesh_e2e::{in_ns, percentile, Controller};
+use skymesh_e2e::nat::{controller_with_key, overlay_v4, Topology};
+use skymesh_e2e::{in_ns, percentile};
 
 #[derive(Parser)]
 struct Args {
@@ -82,14 +81,7 @@ fn trial(s: &Scenario) -> anyhow::Result<Duration> {
         bail!("skipped: needs root and the tools");
     };
     let ns = t.ns(s.controller_ns).to_owned();
-    let c = Controller::start(Some(&ns), s.controller_addr)?;
-    let key = c.api(
-        &ns,
-        "POST",
-        "/api/v1/enrollment-keys",
-        Some(&json!({"reusable": true, "auto_approve": true, "max_uses": 3})),
-    );
-    let key = key["key"].as_str().context("enrollment key")?.to_owned();
+    let (c, key) = controller_with_key(&ns, s.controller_addr, 3);
     let url = format!("http://{}", s.controller_addr);
     for &(i, name) in s.nodes {
         t.join(i, &url, &key, name);
@@ -106,7 +98,11 @@ fn trial(s: &Scenario) -> anyhow::Result<Duration> {
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    first_reply(t.ns(from.0), &dst, Duration::from_secs(15))
+    let took = first_reply(t.ns(from.0), &dst, Duration::from_secs(15));
+    if took.is_err() {
+        t.dump_logs();
+    }
+    took
 }
 
 fn main() -> anyhow::Result<()> {

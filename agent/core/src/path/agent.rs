@@ -59,6 +59,9 @@ pub struct PathAgent {
     role: Role,
 }
 
+/// How long a direct path must stay proven before traffic leaves a relayed path for it.
+pub(crate) const RELAY_UPGRADE_HOLD: Duration = Duration::from_secs(1);
+
 /// Most peer-reflexive paths a peer keeps (a peer roaming between NAT ports adds one each).
 pub(crate) const MAX_LEARNED: usize = 4;
 
@@ -605,8 +608,15 @@ impl PathAgent {
             Health::Unproven => {
                 // A fresh path gets its chance: it is kept until it proves itself or fails.
             }
-            // Upgrades are the chooser's call; a follower only leaves paths that fail.
-            Health::Healthy { .. } if self.role == Role::Chooser => self.consider_upgrade(a, now),
+            // Upgrades are the chooser's call; a follower only leaves paths that fail, or the
+            // relay for a direct path (both ends leave it by themselves: with no data flowing
+            // the follower would otherwise stay relayed until the chooser sends some).
+            Health::Healthy { .. }
+                if self.role == Role::Chooser
+                    || crate::relay::virtual_slot(self.paths[a].id.remote).is_some() =>
+            {
+                self.consider_upgrade(a, now)
+            }
             Health::Healthy { .. } => {}
         }
     }
@@ -639,8 +649,17 @@ impl PathAgent {
                 continue;
             }
             let si = self.score(i);
+            // Off a relay onto a direct path: after a short proof, not the fail-back hold
+            // (which guards against returning to a link that failed; the relay is the
+            // last resort, and a punched path is what every relayed pair is waiting for).
+            let relayed = |p: usize| crate::relay::virtual_slot(self.paths[p].id.remote).is_some();
+            let hold_i = if relayed(a) && !relayed(i) {
+                hold.min(RELAY_UPGRADE_HOLD)
+            } else {
+                hold
+            };
             let eligible = if si.tier < sa.tier {
-                (now >= since + hold).then_some(SwitchReason::Failback)
+                (now >= since + hold_i).then_some(SwitchReason::Failback)
             } else if si.tier == sa.tier && self.rtt_clearly_better(i, a) {
                 let b = *self.paths[i].better_since.get_or_insert(now);
                 (now >= b + hold && now >= since + hold).then_some(SwitchReason::LowerRtt)
@@ -919,6 +938,49 @@ mod tests {
         let s = agent.path_stats().next().expect("one path");
         assert_eq!(s.health, PathHealth::Healthy);
         assert_eq!(s.smoothed_rtt, Some(ms(30)));
+    }
+
+    #[test]
+    fn a_direct_path_that_proves_itself_replaces_the_relay_within_about_a_second() {
+        let t0 = Instant::now();
+        let relayed = crate::relay::virtual_addr(3).expect("slot");
+        // Direct (tier 0) and relayed (tier 1); only the relay answers at first.
+        let mut agent = PathAgent::new(
+            &config(&[0]),
+            &[
+                remote(1, 0),
+                RemoteEndpoint {
+                    addr: relayed,
+                    priority: 1,
+                },
+            ],
+            7,
+            t0,
+        );
+        let via_relay = PathId {
+            uplink: UplinkId(0),
+            remote: relayed,
+        };
+        let mut now = t0;
+        let mut direct_from = None;
+        while now < t0 + ms(10_000) {
+            agent.handle_timeout(now);
+            while let Some(tx) = agent.poll_transmit() {
+                let punched = now >= t0 + ms(3_000);
+                if tx.path == via_relay || punched {
+                    agent
+                        .handle_probe_reply(tx.path, tx.nonce, now + ms(2))
+                        .expect("genuine reply");
+                }
+            }
+            if agent.active_path() == Some(path(0, 1)) && direct_from.is_none() {
+                direct_from = Some(now);
+            }
+            now += ms(10);
+        }
+        assert_eq!(agent.active_path(), Some(path(0, 1)));
+        let moved = direct_from.expect("moved to direct") - (t0 + ms(3_000));
+        assert!(moved <= ms(2_500), "relay → direct took {moved:?}");
     }
 
     #[test]
