@@ -197,9 +197,12 @@ fn two_units_behind_hard_nat_reach_each_other_through_the_relay_which_sees_only_
         "A's path to B through the relay",
         || active_remote(&ua, &t.iface(3), &b_key).filter(|r| r.starts_with("240.0.")),
     );
-    let metrics = run(
-        skymesh_e2e::in_ns(Some(&hqns), "curl").args(["-sS", "http://198.18.0.2:8080/metrics"])
-    );
+    let metrics = run(skymesh_e2e::in_ns(Some(&hqns), "curl").args([
+        "-sS",
+        "-H",
+        &format!("Authorization: Bearer {}", c.admin_token),
+        "http://198.18.0.2:8080/metrics",
+    ]));
     let sent: u64 = metrics
         .lines()
         .find_map(|l| l.strip_prefix("skymesh_relay_frames_sent_total "))
