@@ -49,6 +49,7 @@ async fn setup(dir: &std::path::Path) -> (AppState, String) {
                 expires_at: None,
                 tags: vec!["field".into()],
                 auto_approve: true,
+                auto_approve_routes: Vec::new(),
                 node_ttl_secs: None,
             },
             0,

@@ -62,6 +62,11 @@ pub struct Config {
     pub mtu: u16,
     /// Largest request body accepted, in bytes.
     pub max_body_bytes: usize,
+    /// A node's IPv4 subnet routes together may cover at most as many addresses as one
+    /// prefix of this length (default 16: one /16).
+    pub max_route_prefix_v4: u8,
+    /// The same for IPv6 routes (default 48: one /48).
+    pub max_route_prefix_v6: u8,
     pub policy: PolicyConfig,
 }
 
@@ -126,6 +131,8 @@ impl Default for Config {
             overlay: OverlayConfig::default(),
             mtu: 1380,
             max_body_bytes: 64 * 1024,
+            max_route_prefix_v4: crate::routes::DEFAULT_MAX_ROUTE_PREFIX_V4,
+            max_route_prefix_v6: crate::routes::DEFAULT_MAX_ROUTE_PREFIX_V6,
             policy: PolicyConfig::default(),
         }
     }
@@ -205,6 +212,18 @@ impl Config {
                 format!("{} is outside 1024..=16777216", self.max_body_bytes),
             ));
         }
+        if !(1..=32).contains(&self.max_route_prefix_v4) {
+            return Err(invalid(
+                "max_route_prefix_v4",
+                format!("{} is outside 1..=32", self.max_route_prefix_v4),
+            ));
+        }
+        if !(1..=128).contains(&self.max_route_prefix_v6) {
+            return Err(invalid(
+                "max_route_prefix_v6",
+                format!("{} is outside 1..=128", self.max_route_prefix_v6),
+            ));
+        }
         if let Some(db) = &self.database {
             db.validate()?;
         }
@@ -272,6 +291,10 @@ mod tests {
         assert!(e.to_string().contains("ipv7"), "{e}");
         let e = parse("overlay: { ipv4: not-a-cidr }").expect_err("bad cidr");
         assert!(e.to_string().contains("overlay"), "{e}");
+        let e = parse("max_route_prefix_v4: 0").expect_err("route cap");
+        assert!(e.to_string().contains("`max_route_prefix_v4`"), "{e}");
+        let e = parse("max_route_prefix_v6: 129").expect_err("route cap");
+        assert!(e.to_string().contains("`max_route_prefix_v6`"), "{e}");
         let e = parse("mtu: 100").expect_err("mtu");
         assert!(e.to_string().contains("`mtu`"), "{e}");
         let e = parse("overlay: { ipv6: 2001:db8::/64 }").expect_err("not ula");

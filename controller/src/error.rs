@@ -93,6 +93,11 @@ impl From<StoreError> for ApiError {
             }
             E::NodeRevoked => Self::new(StatusCode::CONFLICT, "node_revoked", e.to_string()),
             E::RouteNotAdvertised(_) => Self::unprocessable(e.to_string()),
+            E::RouteRefused(_) => Self::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "route_refused",
+                e.to_string(),
+            ),
             E::PoolExhausted => Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "address_pool_exhausted",

@@ -12,6 +12,7 @@ pub mod ipam;
 pub mod metrics;
 pub mod netmap;
 pub mod policy;
+pub mod routes;
 pub mod secrets;
 pub mod server;
 pub mod signing;
@@ -67,6 +68,17 @@ pub fn store_options(config: &Config) -> StoreOptions {
         },
         policy_fingerprint: Policy::new(&config.policy).fingerprint(),
         controller_public_key: None,
+        route_guard: routes::RouteGuard {
+            limits: routes::RouteLimits {
+                max_prefix_v4: config.max_route_prefix_v4,
+                max_prefix_v6: config.max_route_prefix_v6,
+            },
+            // An unspecified listen address names no address to protect.
+            protected: Some(config.listen.ip())
+                .filter(|ip| !ip.is_unspecified())
+                .into_iter()
+                .collect(),
+        },
     }
 }
 

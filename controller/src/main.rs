@@ -73,6 +73,12 @@ struct ServeArgs {
     /// Largest accepted request body in bytes (overrides `max_body_bytes`).
     #[arg(long, env = "SKYMESH_MAX_BODY_BYTES")]
     max_body_bytes: Option<usize>,
+    /// A node's IPv4 routes together cover at most one /N (overrides `max_route_prefix_v4`).
+    #[arg(long, env = "SKYMESH_MAX_ROUTE_PREFIX_V4")]
+    max_route_prefix_v4: Option<u8>,
+    /// A node's IPv6 routes together cover at most one /N (overrides `max_route_prefix_v6`).
+    #[arg(long, env = "SKYMESH_MAX_ROUTE_PREFIX_V6")]
+    max_route_prefix_v6: Option<u8>,
     /// PEM certificate chain: serve HTTPS (rustls). Without it the API is plain HTTP.
     #[arg(long, env = "SKYMESH_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -173,6 +179,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     if let Some(v) = args.max_body_bytes {
         config.max_body_bytes = v;
+    }
+    if let Some(v) = args.max_route_prefix_v4 {
+        config.max_route_prefix_v4 = v;
+    }
+    if let Some(v) = args.max_route_prefix_v6 {
+        config.max_route_prefix_v6 = v;
     }
     if let Some(v) = args.signing_key {
         config.signing_key = Some(v);

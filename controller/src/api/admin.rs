@@ -8,7 +8,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use skymesh_proto::NodeId;
 
 use super::extract::{AdminAuth, ApiJson, ApiPath, ApiQuery};
-use super::node::validate_name;
+use super::node::{validate_name, validate_routes};
 use super::AppState;
 use crate::audit::{AuditEntry, ChainHead};
 use crate::error::{ApiError, ErrorBody};
@@ -42,6 +42,11 @@ pub struct CreateEnrollmentKey {
     /// Nodes registered with this key are approved at once instead of staying `pending`.
     #[serde(default)]
     pub auto_approve: bool,
+    /// With `auto_approve`: advertised routes inside one of these prefixes are approved at
+    /// registration too. Other routes (all of them when this is empty) wait for an admin.
+    #[serde(default)]
+    #[schema(value_type = Vec<String>)]
+    pub auto_approve_routes: Vec<IpNet>,
     /// Nodes registered with this key expire this many seconds after registering.
     pub node_ttl_secs: Option<u64>,
 }
@@ -96,6 +101,12 @@ pub(super) async fn create_enrollment_key(
             )));
         }
     }
+    if !req.auto_approve_routes.is_empty() && !req.auto_approve {
+        return Err(ApiError::unprocessable(
+            "`auto_approve_routes` needs `auto_approve: true`",
+        ));
+    }
+    validate_routes(&state, "auto_approve_routes", &req.auto_approve_routes)?;
     let now = state.clock.now();
     let mut tags = req.tags.clone();
     tags.sort();
@@ -107,6 +118,7 @@ pub(super) async fn create_enrollment_key(
         expires_at: req.expires_in_secs.map(|s| now + s),
         tags,
         auto_approve: req.auto_approve,
+        auto_approve_routes: crate::store::normalized_routes(&req.auto_approve_routes),
         node_ttl_secs: req.node_ttl_secs,
     };
     let (info, key) = state.store.create_enrollment_key(&actor, &new, now).await?;
@@ -254,6 +266,9 @@ pub(super) async fn patch_node(
     }
     if let Some(tags) = &req.tags {
         validate_tags(tags)?;
+    }
+    if let Some(routes) = &req.approved_routes {
+        validate_routes(&state, "approved_routes", routes)?;
     }
     if req.approve == Some(false) {
         return Err(ApiError::unprocessable(

@@ -38,7 +38,7 @@ fn validate_register(state: &AppState, req: &RegisterRequest) -> Result<(), ApiE
         ));
     }
     validate_endpoints(&req.endpoints)?;
-    validate_routes(state, &req.routes)
+    validate_routes(state, "routes", &req.routes)
 }
 
 fn validate_endpoints(endpoints: &[Endpoint]) -> Result<(), ApiError> {
@@ -63,17 +63,23 @@ fn validate_endpoints(endpoints: &[Endpoint]) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn validate_routes(state: &AppState, routes: &[IpNet]) -> Result<(), ApiError> {
+/// The checks a route list passes on its own (`field` names it in errors); what it may
+/// overlap is the store's business ([`crate::routes`]).
+pub(super) fn validate_routes(
+    state: &AppState,
+    field: &str,
+    routes: &[IpNet],
+) -> Result<(), ApiError> {
     if routes.len() > MAX_ROUTES {
         return Err(ApiError::unprocessable(format!(
-            "at most {MAX_ROUTES} `routes`"
+            "at most {MAX_ROUTES} `{field}`"
         )));
     }
     let pools = state.store.pools();
     for r in routes {
         if *r != r.trunc() {
             return Err(ApiError::unprocessable(format!(
-                "route {r} has host bits set; did you mean {}?",
+                "`{field}`: route {r} has host bits set; did you mean {}?",
                 r.trunc()
             )));
         }
@@ -83,7 +89,7 @@ fn validate_routes(state: &AppState, routes: &[IpNet]) -> Result<(), ApiError> {
         };
         if overlaps_overlay || r.prefix_len() == 0 {
             return Err(ApiError::unprocessable(format!(
-                "route {r} overlaps the overlay network or is a default route"
+                "`{field}`: route {r} overlaps the overlay network or is a default route"
             )));
         }
     }
@@ -197,7 +203,7 @@ pub(super) async fn report_endpoints(
 ) -> Result<StatusCode, ApiError> {
     validate_endpoints(&report.endpoints)?;
     if let Some(routes) = &report.routes {
-        validate_routes(&state, routes)?;
+        validate_routes(&state, "routes", routes)?;
     }
     let changed = state
         .store

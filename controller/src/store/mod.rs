@@ -24,6 +24,7 @@ pub use sqlite::{SqliteStore, DB_FILE};
 use crate::audit::{AuditEntry, ChainHead};
 use crate::ipam::Pools;
 use crate::netmap::TopoNode;
+use crate::routes::{RouteError, RouteGuard};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -43,6 +44,8 @@ pub enum StoreError {
     NodeRevoked,
     #[error("route {0} was not advertised by the node")]
     RouteNotAdvertised(IpNet),
+    #[error(transparent)]
+    RouteRefused(#[from] RouteError),
     #[error("overlay address pool exhausted")]
     PoolExhausted,
     #[error("database: {0}")]
@@ -90,6 +93,7 @@ pub struct NewEnrollmentKey {
     pub expires_at: Option<u64>,
     pub tags: Vec<String>,
     pub auto_approve: bool,
+    pub auto_approve_routes: Vec<IpNet>,
     pub node_ttl_secs: Option<u64>,
 }
 
@@ -105,10 +109,98 @@ pub struct EnrollmentKeyInfo {
     pub expires_at: Option<u64>,
     pub tags: Vec<String>,
     pub auto_approve: bool,
+    /// Advertised routes inside one of these prefixes are approved at registration (only
+    /// with `auto_approve`); any other route waits for an admin.
+    #[schema(value_type = Vec<String>)]
+    pub auto_approve_routes: Vec<IpNet>,
     /// Nodes registered with this key expire this many seconds after registering.
     pub node_ttl_secs: Option<u64>,
     pub created_at: u64,
     pub revoked_at: Option<u64>,
+}
+
+impl EnrollmentKeyInfo {
+    /// Refuses a revoked, expired or used-up key.
+    fn check_usable(&self, now: u64) -> Result<(), StoreError> {
+        if self.revoked_at.is_some() {
+            return Err(StoreError::EnrollmentKeyRevoked);
+        }
+        if self.expires_at.is_some_and(|t| now >= t) {
+            return Err(StoreError::EnrollmentKeyExpired);
+        }
+        let limit = if self.reusable {
+            self.max_uses
+        } else {
+            Some(1)
+        };
+        if limit.is_some_and(|m| self.uses >= m) {
+            return Err(StoreError::EnrollmentKeyUsedUp);
+        }
+        Ok(())
+    }
+}
+
+/// A route list as stored: sorted, without duplicates.
+pub(crate) fn normalized_routes(routes: &[IpNet]) -> Vec<IpNet> {
+    let mut routes = routes.to_vec();
+    routes.sort();
+    routes.dedup();
+    routes
+}
+
+/// The audit target of a route change: the node, or the name of one being registered.
+fn route_target(node: Option<NodeId>, name: &str) -> String {
+    node.map_or_else(|| format!("node-name:{name}"), |id| format!("node:{id}"))
+}
+
+/// A node's route change, checked by [`guard_routes`] inside the write transaction.
+pub(crate) struct RouteChange<'a> {
+    /// `None` for a node being registered.
+    pub node: Option<NodeId>,
+    /// The node's endpoints after the change.
+    pub endpoints: &'a [Endpoint],
+    /// The new advertised set and the request field it came from.
+    pub advertised: Option<(&'static str, &'a [IpNet])>,
+    /// The new approved set and the request field it came from.
+    pub approved: Option<(&'static str, &'a [IpNet])>,
+}
+
+/// Checks a route change against every other non-revoked node in `nodes` (see
+/// [`crate::routes`]): advertised routes must stay clear of other nodes' approved routes,
+/// approved ones of their advertised routes too; neither may cover the controller or any
+/// node's endpoint.
+pub(crate) fn guard_routes(
+    guard: &RouteGuard,
+    nodes: &[NodeRecord],
+    change: &RouteChange<'_>,
+) -> Result<(), RouteError> {
+    let others: Vec<&NodeRecord> = nodes
+        .iter()
+        .filter(|n| n.state != NodeState::Revoked && Some(n.id) != change.node)
+        .collect();
+    let endpoints: Vec<std::net::IpAddr> = others
+        .iter()
+        .flat_map(|n| &n.endpoints)
+        .chain(change.endpoints)
+        .map(|e| e.addr.ip())
+        .collect();
+    let approved: Vec<(NodeId, IpNet)> = others
+        .iter()
+        .flat_map(|n| n.approved_routes.iter().map(|r| (n.id, *r)))
+        .collect();
+    if let Some((field, routes)) = change.advertised {
+        crate::routes::check(field, routes, &approved, &endpoints, guard)?;
+    }
+    if let Some((field, routes)) = change.approved {
+        let mut held = approved;
+        held.extend(
+            others
+                .iter()
+                .flat_map(|n| n.advertised_routes.iter().map(|r| (n.id, *r))),
+        );
+        crate::routes::check(field, routes, &held, &endpoints, guard)?;
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
@@ -201,6 +293,8 @@ pub struct StoreOptions {
     /// different one is refused before anything else is written. `None` for offline commands
     /// that sign nothing (`admin-token create`, `audit verify`).
     pub controller_public_key: Option<String>,
+    /// What subnet routes are checked against.
+    pub route_guard: RouteGuard,
 }
 
 /// A persistence backend.

@@ -117,6 +117,7 @@ where
         expires_at: opt_u64(row.try_get("expires_at")?)?,
         tags: json(row, "tags")?,
         auto_approve: row.try_get("auto_approve")?,
+        auto_approve_routes: json(row, "auto_approve_routes")?,
         node_ttl_secs: opt_u64(row.try_get("node_ttl_secs")?)?,
         created_at: to_u64(row.try_get("created_at")?)?,
         revoked_at: opt_u64(row.try_get("revoked_at")?)?,

@@ -27,12 +27,13 @@ use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
 use sqlx::{Postgres, Row as _, Transaction};
 
 use super::{
-    Actor, EnrollmentKeyInfo, NewEnrollmentKey, NodeAuth, NodePatch, NodeRecord, Scope, Stats,
-    StoreError, StoreOptions,
+    guard_routes, Actor, EnrollmentKeyInfo, NewEnrollmentKey, NodeAuth, NodePatch, NodeRecord,
+    RouteChange, Scope, Stats, StoreError, StoreOptions,
 };
 use crate::audit::{self, AuditEntry, ChainError, ChainHead};
 use crate::ipam::{Allocator, Pools};
 use crate::netmap::TopoNode;
+use crate::routes::RouteGuard;
 use crate::secrets;
 
 mod live;
@@ -51,12 +52,13 @@ pub const CHANGES_CHANNEL: &str = "skymesh_serial";
 const NODE_COLUMNS: &str = "id, name, public_key, ipv4, ipv6, state, tags, endpoints, \
      advertised_routes, approved_routes, enrollment_key_id, created_at, expires_at";
 const KEY_COLUMNS: &str = "id, description, reusable, max_uses, uses, expires_at, tags, \
-     auto_approve, node_ttl_secs, created_at, revoked_at";
+     auto_approve, auto_approve_routes, node_ttl_secs, created_at, revoked_at";
 
 #[derive(Debug, Clone)]
 pub struct PgStore {
     pool: PgPool,
     pools: Pools,
+    guard: RouteGuard,
 }
 
 /// Wakes a replica when any replica (itself included) committed a serial bump.
@@ -191,6 +193,7 @@ impl PgStore {
         let store = Self {
             pool,
             pools: opts.pools,
+            guard: opts.route_guard.clone(),
         };
         store.check_settings(opts).await?;
         Ok(store)
@@ -327,8 +330,8 @@ impl PgStore {
         let mut tx = self.begin_write().await?;
         let row = sqlx::query(&format!(
             "INSERT INTO enrollment_keys (key_hash, description, reusable, max_uses, expires_at, \
-             tags, auto_approve, node_ttl_secs, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING {KEY_COLUMNS}"
+             tags, auto_approve, auto_approve_routes, node_ttl_secs, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING {KEY_COLUMNS}"
         ))
         .bind(&hash[..])
         .bind(&key.description)
@@ -337,6 +340,7 @@ impl PgStore {
         .bind(key.expires_at.map(to_i64))
         .bind(to_json(&key.tags)?)
         .bind(key.auto_approve)
+        .bind(to_json(&key.auto_approve_routes)?)
         .bind(key.node_ttl_secs.map(to_i64))
         .bind(to_i64(now))
         .fetch_one(&mut *tx)
@@ -351,7 +355,9 @@ impl PgStore {
             serde_json::json!({
                 "reusable": info.reusable, "max_uses": info.max_uses,
                 "expires_at": info.expires_at, "tags": info.tags,
-                "auto_approve": info.auto_approve, "node_ttl_secs": info.node_ttl_secs,
+                "auto_approve": info.auto_approve,
+                "auto_approve_routes": info.auto_approve_routes,
+                "node_ttl_secs": info.node_ttl_secs,
             }),
         )
         .await?;
@@ -404,26 +410,14 @@ impl PgStore {
         now: u64,
     ) -> Result<(NodeRecord, String), StoreError> {
         let key_hash = secrets::hash(&req.enrollment_key);
+        // A junk or dead key is refused before the write lock is taken.
+        Self::enrollment_key(&self.pool, &key_hash)
+            .await?
+            .check_usable(now)?;
         let mut tx = self.begin_write().await?;
-
-        let key_row = sqlx::query(&format!(
-            "SELECT {KEY_COLUMNS} FROM enrollment_keys WHERE key_hash = $1"
-        ))
-        .bind(&key_hash[..])
-        .fetch_optional(&mut *tx)
-        .await?
-        .ok_or(StoreError::InvalidEnrollmentKey)?;
-        let key = key_from_row(&key_row)?;
-        if key.revoked_at.is_some() {
-            return Err(StoreError::EnrollmentKeyRevoked);
-        }
-        if key.expires_at.is_some_and(|t| now >= t) {
-            return Err(StoreError::EnrollmentKeyExpired);
-        }
-        let limit = if key.reusable { key.max_uses } else { Some(1) };
-        if limit.is_some_and(|m| key.uses >= m) {
-            return Err(StoreError::EnrollmentKeyUsedUp);
-        }
+        // Again under the lock, where uses are counted.
+        let key = Self::enrollment_key(&mut *tx, &key_hash).await?;
+        key.check_usable(now)?;
 
         let public_key = req.public_key.to_string();
         let taken: Option<i64> = sqlx::query_scalar("SELECT id FROM nodes WHERE public_key = $1")
@@ -432,6 +426,29 @@ impl PgStore {
             .await?;
         if taken.is_some() {
             return Err(StoreError::DuplicatePublicKey);
+        }
+
+        let routes = super::normalized_routes(&req.routes);
+        let approved_routes = if key.auto_approve {
+            crate::routes::auto_approved(&routes, &key.auto_approve_routes)
+        } else {
+            Vec::new()
+        };
+        if !routes.is_empty() {
+            let change = RouteChange {
+                node: None,
+                endpoints: &req.endpoints,
+                advertised: Some(("routes", &routes)),
+                approved: Some(("routes", &approved_routes)),
+            };
+            if let Err(e) = guard_routes(&self.guard, &Self::live_nodes_in(&mut tx).await?, &change)
+            {
+                tx.rollback().await?;
+                let actor = Actor(format!("enrollment-key:{}", key.id));
+                return Err(self
+                    .refuse_routes(&actor, None, &req.name, &routes, e, now)
+                    .await);
+            }
         }
 
         let next: i64 =
@@ -459,9 +476,6 @@ impl PgStore {
             NodeState::Pending
         };
         let expires_at = key.node_ttl_secs.map(|ttl| now.saturating_add(ttl));
-        let mut routes = req.routes.clone();
-        routes.sort();
-        routes.dedup();
         let row = sqlx::query(&format!(
             "INSERT INTO nodes (name, public_key, ipv4, ipv6, state, tags, endpoints, \
              advertised_routes, approved_routes, credential_hash, enrollment_key_id, created_at, \
@@ -476,12 +490,7 @@ impl PgStore {
         .bind(to_json(&tags)?)
         .bind(to_json(&req.endpoints)?)
         .bind(to_json(&routes)?)
-        // An auto-approving enrollment key approves the node's advertised routes too.
-        .bind(to_json(&if key.auto_approve {
-            routes.clone()
-        } else {
-            Vec::new()
-        })?)
+        .bind(to_json(&approved_routes)?)
         .bind(&credential_hash[..])
         .bind(to_i64(key.id))
         .bind(to_i64(now))
@@ -520,6 +529,8 @@ impl PgStore {
             serde_json::json!({
                 "name": node.name, "public_key": public_key, "state": state_str(state)?,
                 "ipv4": ipv4.to_string(), "ipv6": ipv6.to_string(), "tags": node.tags,
+                "advertised_routes": node.advertised_routes,
+                "approved_routes": node.approved_routes,
             }),
         )
         .await?;
@@ -562,6 +573,64 @@ impl PgStore {
             .await?
             .ok_or(StoreError::NotFound("node"))?;
         node_from_row(&row)
+    }
+
+    async fn enrollment_key<'e>(
+        db: impl sqlx::Executor<'e, Database = Postgres>,
+        hash: &[u8; 32],
+    ) -> Result<EnrollmentKeyInfo, StoreError> {
+        let row = sqlx::query(&format!(
+            "SELECT {KEY_COLUMNS} FROM enrollment_keys WHERE key_hash = $1"
+        ))
+        .bind(&hash[..])
+        .fetch_optional(db)
+        .await?
+        .ok_or(StoreError::InvalidEnrollmentKey)?;
+        key_from_row(&row)
+    }
+
+    /// Every node that is not revoked (what routes are checked against); the caller holds
+    /// the write lock, so no route changes meanwhile.
+    async fn live_nodes_in(
+        tx: &mut Transaction<'_, Postgres>,
+    ) -> Result<Vec<NodeRecord>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {NODE_COLUMNS} FROM nodes WHERE state <> 'revoked'"
+        ))
+        .fetch_all(&mut **tx)
+        .await?;
+        rows.iter().map(node_from_row).collect()
+    }
+
+    /// Audits a refused route change (in its own transaction: the change itself rolled back)
+    /// and returns the refusal.
+    async fn refuse_routes(
+        &self,
+        actor: &Actor,
+        node: Option<NodeId>,
+        name: &str,
+        routes: &[ipnet::IpNet],
+        refusal: crate::routes::RouteError,
+        now: u64,
+    ) -> StoreError {
+        let audited = async {
+            let mut tx = self.begin_write().await?;
+            append_audit(
+                &mut tx,
+                now,
+                actor,
+                "node.routes_refused",
+                Some(&super::route_target(node, name)),
+                serde_json::json!({ "routes": routes, "reason": refusal.to_string() }),
+            )
+            .await?;
+            tx.commit().await?;
+            Ok::<_, StoreError>(())
+        };
+        match audited.await {
+            Ok(()) => refusal.into(),
+            Err(e) => e,
+        }
     }
 
     /// The node, row-locked until the transaction ends (writers read-modify-write it).
@@ -611,10 +680,21 @@ impl PgStore {
             if let Some(r) = routes.iter().find(|r| !node.advertised_routes.contains(r)) {
                 return Err(StoreError::RouteNotAdvertised(*r));
             }
-            let mut routes = routes.clone();
-            routes.sort();
-            routes.dedup();
-            detail.insert("approved_routes".into(), to_json(&routes)?.into());
+            let routes = super::normalized_routes(routes);
+            let change = RouteChange {
+                node: Some(id),
+                endpoints: &node.endpoints,
+                advertised: None,
+                approved: Some(("approved_routes", &routes)),
+            };
+            if let Err(e) = guard_routes(&self.guard, &Self::live_nodes_in(&mut tx).await?, &change)
+            {
+                tx.rollback().await?;
+                return Err(self
+                    .refuse_routes(actor, Some(id), &node.name, &routes, e, now)
+                    .await);
+            }
+            detail.insert("approved_routes".into(), serde_json::json!(routes));
             node.approved_routes = routes;
         }
         if let Some(expires_at) = patch.expires_at {

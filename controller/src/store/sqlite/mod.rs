@@ -22,12 +22,13 @@ use sqlx::sqlite::{
 use sqlx::{Row as _, Sqlite, Transaction};
 
 use super::{
-    Actor, EnrollmentKeyInfo, NewEnrollmentKey, NodeAuth, NodePatch, NodeRecord, Scope, Stats,
-    StoreError, StoreOptions,
+    guard_routes, Actor, EnrollmentKeyInfo, NewEnrollmentKey, NodeAuth, NodePatch, NodeRecord,
+    RouteChange, Scope, Stats, StoreError, StoreOptions,
 };
 use crate::audit::{self, AuditEntry, ChainError, ChainHead};
 use crate::ipam::{Allocator, Pools};
 use crate::netmap::TopoNode;
+use crate::routes::RouteGuard;
 use crate::secrets;
 
 mod live;
@@ -44,13 +45,14 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 const NODE_COLUMNS: &str = "id, name, public_key, ipv4, ipv6, state, tags, endpoints, \
      advertised_routes, approved_routes, enrollment_key_id, created_at, expires_at";
 const KEY_COLUMNS: &str = "id, description, reusable, max_uses, uses, expires_at, tags, \
-     auto_approve, node_ttl_secs, created_at, revoked_at";
+     auto_approve, auto_approve_routes, node_ttl_secs, created_at, revoked_at";
 
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     read: SqlitePool,
     write: SqlitePool,
     pools: Pools,
+    guard: RouteGuard,
 }
 
 async fn bump_serial(tx: &mut Transaction<'_, Sqlite>) -> Result<u64, StoreError> {
@@ -131,6 +133,7 @@ impl SqliteStore {
             read,
             write,
             pools: opts.pools,
+            guard: opts.route_guard.clone(),
         };
         store.check_settings(opts).await?;
         Ok(store)
@@ -265,8 +268,8 @@ impl SqliteStore {
         let mut tx = self.write.begin_with("BEGIN IMMEDIATE").await?;
         let row = sqlx::query(&format!(
             "INSERT INTO enrollment_keys (key_hash, description, reusable, max_uses, expires_at, \
-             tags, auto_approve, node_ttl_secs, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) \
-             RETURNING {KEY_COLUMNS}"
+             tags, auto_approve, auto_approve_routes, node_ttl_secs, created_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING {KEY_COLUMNS}"
         ))
         .bind(&hash[..])
         .bind(&key.description)
@@ -275,6 +278,7 @@ impl SqliteStore {
         .bind(key.expires_at.map(to_i64))
         .bind(to_json(&key.tags)?)
         .bind(key.auto_approve)
+        .bind(to_json(&key.auto_approve_routes)?)
         .bind(key.node_ttl_secs.map(to_i64))
         .bind(to_i64(now))
         .fetch_one(&mut *tx)
@@ -289,7 +293,9 @@ impl SqliteStore {
             serde_json::json!({
                 "reusable": info.reusable, "max_uses": info.max_uses,
                 "expires_at": info.expires_at, "tags": info.tags,
-                "auto_approve": info.auto_approve, "node_ttl_secs": info.node_ttl_secs,
+                "auto_approve": info.auto_approve,
+                "auto_approve_routes": info.auto_approve_routes,
+                "node_ttl_secs": info.node_ttl_secs,
             }),
         )
         .await?;
@@ -342,26 +348,14 @@ impl SqliteStore {
         now: u64,
     ) -> Result<(NodeRecord, String), StoreError> {
         let key_hash = secrets::hash(&req.enrollment_key);
+        // A junk or dead key is refused from the read pool: it never takes the write lock.
+        Self::enrollment_key(&self.read, &key_hash)
+            .await?
+            .check_usable(now)?;
         let mut tx = self.write.begin_with("BEGIN IMMEDIATE").await?;
-
-        let key_row = sqlx::query(&format!(
-            "SELECT {KEY_COLUMNS} FROM enrollment_keys WHERE key_hash = ?"
-        ))
-        .bind(&key_hash[..])
-        .fetch_optional(&mut *tx)
-        .await?
-        .ok_or(StoreError::InvalidEnrollmentKey)?;
-        let key = key_from_row(&key_row)?;
-        if key.revoked_at.is_some() {
-            return Err(StoreError::EnrollmentKeyRevoked);
-        }
-        if key.expires_at.is_some_and(|t| now >= t) {
-            return Err(StoreError::EnrollmentKeyExpired);
-        }
-        let limit = if key.reusable { key.max_uses } else { Some(1) };
-        if limit.is_some_and(|m| key.uses >= m) {
-            return Err(StoreError::EnrollmentKeyUsedUp);
-        }
+        // Again under the lock, where uses are counted.
+        let key = Self::enrollment_key(&mut *tx, &key_hash).await?;
+        key.check_usable(now)?;
 
         let public_key = req.public_key.to_string();
         let taken: Option<i64> = sqlx::query_scalar("SELECT id FROM nodes WHERE public_key = ?")
@@ -370,6 +364,29 @@ impl SqliteStore {
             .await?;
         if taken.is_some() {
             return Err(StoreError::DuplicatePublicKey);
+        }
+
+        let routes = super::normalized_routes(&req.routes);
+        let approved_routes = if key.auto_approve {
+            crate::routes::auto_approved(&routes, &key.auto_approve_routes)
+        } else {
+            Vec::new()
+        };
+        if !routes.is_empty() {
+            let change = RouteChange {
+                node: None,
+                endpoints: &req.endpoints,
+                advertised: Some(("routes", &routes)),
+                approved: Some(("routes", &approved_routes)),
+            };
+            if let Err(e) = guard_routes(&self.guard, &Self::live_nodes_in(&mut tx).await?, &change)
+            {
+                tx.rollback().await?;
+                let actor = Actor(format!("enrollment-key:{}", key.id));
+                return Err(self
+                    .refuse_routes(&actor, None, &req.name, &routes, e, now)
+                    .await);
+            }
         }
 
         let next: i64 = sqlx::query_scalar("SELECT value FROM counters WHERE name = 'ipam_next'")
@@ -396,9 +413,6 @@ impl SqliteStore {
             NodeState::Pending
         };
         let expires_at = key.node_ttl_secs.map(|ttl| now.saturating_add(ttl));
-        let mut routes = req.routes.clone();
-        routes.sort();
-        routes.dedup();
         let row = sqlx::query(&format!(
             "INSERT INTO nodes (name, public_key, ipv4, ipv6, state, tags, endpoints, \
              advertised_routes, approved_routes, credential_hash, enrollment_key_id, created_at, \
@@ -412,12 +426,7 @@ impl SqliteStore {
         .bind(to_json(&tags)?)
         .bind(to_json(&req.endpoints)?)
         .bind(to_json(&routes)?)
-        // An auto-approving enrollment key approves the node's advertised routes too.
-        .bind(to_json(&if key.auto_approve {
-            routes.clone()
-        } else {
-            Vec::new()
-        })?)
+        .bind(to_json(&approved_routes)?)
         .bind(&credential_hash[..])
         .bind(to_i64(key.id))
         .bind(to_i64(now))
@@ -455,6 +464,8 @@ impl SqliteStore {
             serde_json::json!({
                 "name": node.name, "public_key": public_key, "state": state_str(state)?,
                 "ipv4": ipv4.to_string(), "ipv6": ipv6.to_string(), "tags": node.tags,
+                "advertised_routes": node.advertised_routes,
+                "approved_routes": node.approved_routes,
             }),
         )
         .await?;
@@ -497,6 +508,63 @@ impl SqliteStore {
             .await?
             .ok_or(StoreError::NotFound("node"))?;
         node_from_row(&row)
+    }
+
+    async fn enrollment_key<'e>(
+        db: impl sqlx::Executor<'e, Database = Sqlite>,
+        hash: &[u8; 32],
+    ) -> Result<EnrollmentKeyInfo, StoreError> {
+        let row = sqlx::query(&format!(
+            "SELECT {KEY_COLUMNS} FROM enrollment_keys WHERE key_hash = ?"
+        ))
+        .bind(&hash[..])
+        .fetch_optional(db)
+        .await?
+        .ok_or(StoreError::InvalidEnrollmentKey)?;
+        key_from_row(&row)
+    }
+
+    /// Every node that is not revoked (what routes are checked against).
+    async fn live_nodes_in(
+        tx: &mut Transaction<'_, Sqlite>,
+    ) -> Result<Vec<NodeRecord>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {NODE_COLUMNS} FROM nodes WHERE state != 'revoked'"
+        ))
+        .fetch_all(&mut **tx)
+        .await?;
+        rows.iter().map(node_from_row).collect()
+    }
+
+    /// Audits a refused route change (in its own transaction: the change itself rolled back)
+    /// and returns the refusal.
+    async fn refuse_routes(
+        &self,
+        actor: &Actor,
+        node: Option<NodeId>,
+        name: &str,
+        routes: &[ipnet::IpNet],
+        refusal: crate::routes::RouteError,
+        now: u64,
+    ) -> StoreError {
+        let audited = async {
+            let mut tx = self.write.begin_with("BEGIN IMMEDIATE").await?;
+            append_audit(
+                &mut tx,
+                now,
+                actor,
+                "node.routes_refused",
+                Some(&super::route_target(node, name)),
+                serde_json::json!({ "routes": routes, "reason": refusal.to_string() }),
+            )
+            .await?;
+            tx.commit().await?;
+            Ok::<_, StoreError>(())
+        };
+        match audited.await {
+            Ok(()) => refusal.into(),
+            Err(e) => e,
+        }
     }
 
     async fn node_in(
@@ -543,10 +611,21 @@ impl SqliteStore {
             if let Some(r) = routes.iter().find(|r| !node.advertised_routes.contains(r)) {
                 return Err(StoreError::RouteNotAdvertised(*r));
             }
-            let mut routes = routes.clone();
-            routes.sort();
-            routes.dedup();
-            detail.insert("approved_routes".into(), to_json(&routes)?.into());
+            let routes = super::normalized_routes(routes);
+            let change = RouteChange {
+                node: Some(id),
+                endpoints: &node.endpoints,
+                advertised: None,
+                approved: Some(("approved_routes", &routes)),
+            };
+            if let Err(e) = guard_routes(&self.guard, &Self::live_nodes_in(&mut tx).await?, &change)
+            {
+                tx.rollback().await?;
+                return Err(self
+                    .refuse_routes(actor, Some(id), &node.name, &routes, e, now)
+                    .await);
+            }
+            detail.insert("approved_routes".into(), serde_json::json!(routes));
             node.approved_routes = routes;
         }
         if let Some(expires_at) = patch.expires_at {
@@ -803,6 +882,7 @@ mod tests {
             },
             policy_fingerprint: String::new(),
             controller_public_key: None,
+            route_guard: RouteGuard::default(),
         };
         let store = SqliteStore::open(dir.path(), &opts).await.expect("open");
         for pool in [&store.write, &store.read] {
