@@ -9,6 +9,7 @@ pub mod audit;
 pub mod config;
 pub mod error;
 pub mod ipam;
+pub mod limit;
 pub mod metrics;
 pub mod netmap;
 pub mod policy;
@@ -124,6 +125,7 @@ pub async fn open(config: &Config, clock: Clock) -> Result<AppState, OpenError> 
         Policy::new(&config.policy),
         config.mtu,
         config.max_body_bytes,
+        config.limits,
         clock,
     );
     if let Some(feed) = feed {

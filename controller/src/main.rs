@@ -23,7 +23,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the HTTP API.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Manage admin API tokens.
     AdminToken {
         #[command(subcommand)]
@@ -79,6 +79,23 @@ struct ServeArgs {
     /// A node's IPv6 routes together cover at most one /N (overrides `max_route_prefix_v6`).
     #[arg(long, env = "SKYMESH_MAX_ROUTE_PREFIX_V6")]
     max_route_prefix_v6: Option<u8>,
+    /// Open connections at most (overrides `limits.max_connections`).
+    #[arg(long, env = "SKYMESH_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
+    /// Open connections per source address (overrides `limits.max_connections_per_source`).
+    #[arg(long, env = "SKYMESH_MAX_CONNECTIONS_PER_SOURCE")]
+    max_connections_per_source: Option<usize>,
+    /// Seconds to send request headers, and idle between requests (overrides
+    /// `limits.header_timeout_secs`).
+    #[arg(long, env = "SKYMESH_HEADER_TIMEOUT_SECS")]
+    header_timeout_secs: Option<u64>,
+    /// Seconds to send a request body (overrides `limits.body_timeout_secs`).
+    #[arg(long, env = "SKYMESH_BODY_TIMEOUT_SECS")]
+    body_timeout_secs: Option<u64>,
+    /// Registrations per source address per minute, 0 = unlimited (overrides
+    /// `limits.register_per_minute`).
+    #[arg(long, env = "SKYMESH_REGISTER_PER_MINUTE")]
+    register_per_minute: Option<u32>,
     /// PEM certificate chain: serve HTTPS (rustls). Without it the API is plain HTTP.
     #[arg(long, env = "SKYMESH_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -186,6 +203,22 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(v) = args.max_route_prefix_v6 {
         config.max_route_prefix_v6 = v;
     }
+    let limits = &mut config.limits;
+    if let Some(v) = args.max_connections {
+        limits.max_connections = v;
+    }
+    if let Some(v) = args.max_connections_per_source {
+        limits.max_connections_per_source = v;
+    }
+    if let Some(v) = args.header_timeout_secs {
+        limits.header_timeout_secs = v;
+    }
+    if let Some(v) = args.body_timeout_secs {
+        limits.body_timeout_secs = v;
+    }
+    if let Some(v) = args.register_per_minute {
+        limits.register_per_minute = v;
+    }
     if let Some(v) = args.signing_key {
         config.signing_key = Some(v);
     }
@@ -246,7 +279,7 @@ async fn shutdown_signal() {
 async fn try_main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve(args) => serve(args).await.map(|()| ExitCode::SUCCESS),
+        Command::Serve(args) => serve(*args).await.map(|()| ExitCode::SUCCESS),
         Command::AdminToken {
             command: TokenCommand::Create { common, read_only },
         } => {

@@ -703,7 +703,7 @@ async fn audit_log_records_admin_changes_and_verifies() {
 }
 
 #[tokio::test]
-async fn healthz_and_metrics_report_state() {
+async fn healthz_and_metrics_report_state_and_metrics_need_a_token() {
     let c = TestController::new().await;
     let key = c.enrollment_key(json!({"auto_approve": true})).await;
     let (n, _) = c.register_ok(&key, 1, "n").await;
@@ -715,8 +715,18 @@ async fn healthz_and_metrics_report_state() {
     c.advance(2);
     let h = c.call(Method::GET, "/healthz", None, None).await;
     assert_eq!(h.body["status"], "ok");
-    let m = c.call(Method::GET, "/metrics", None, None).await;
-    assert_eq!(m.status, StatusCode::OK);
+    // Metrics name nodes, peers and carrier addresses: a token is needed, read-only will do.
+    c.call(Method::GET, "/metrics", None, None)
+        .await
+        .assert_error(401, "unauthorized");
+    let (_, auditor) = c
+        .state
+        .store
+        .create_admin_token(&Actor("test".into()), Scope::ReadOnly, common::T0)
+        .await
+        .expect("read-only token");
+    let m = c.call(Method::GET, "/metrics", Some(&auditor), None).await;
+    assert_eq!(m.status, StatusCode::OK, "{}", m.text);
     for line in [
         "skymesh_registrations_total 2".to_owned(),
         "skymesh_registrations_refused_total 1".to_owned(),

@@ -183,11 +183,14 @@ async fn resuming_from_a_held_serial_gets_a_delta_and_an_unknown_serial_a_full_n
     assert!(matches!(e.event, StreamEvent::Delta(_)), "{e:?}");
     assert_eq!(peer_ids(&apply(&tc, Some(&old), &e)), vec![b]);
 
-    // Up to date: nothing to send until something changes.
+    // Up to date: nothing to send until something changes. (Each stream is closed before
+    // the next: a node may hold only two.)
+    drop(s);
     let current = tc.netmap(&cred_a).await;
     let mut s = Sse::open(&tc, &cred_a, &format!("?since={}", current.serial)).await;
     s.quiet_for(Duration::from_millis(300)).await;
 
+    drop(s);
     // A serial the controller never issued (forged, or from before a restart) and one from
     // the future both get a full netmap, never a delta against a state the client cannot have.
     for since in [old.serial - 1, current.serial + 1000] {

@@ -108,7 +108,10 @@ pub(super) fn validate_routes(
         (status = 403, description = "enrollment key revoked, expired or used up", body = ErrorBody),
         (status = 409, description = "public key already registered", body = ErrorBody),
         (status = 413, body = ErrorBody),
-        (status = 422, description = "malformed body (bad key, unknown field, ...)", body = ErrorBody),
+        (status = 422, description = "malformed body (bad key, unknown field, ...), or a route \
+            refused (`route_refused`)", body = ErrorBody),
+        (status = 429, description = "too many registrations from this address \
+            (`limits.register_per_minute`)", body = ErrorBody),
     ))]
 pub(super) async fn register(
     State(state): State<AppState>,
@@ -116,6 +119,7 @@ pub(super) async fn register(
     ApiJson(mut req): ApiJson<RegisterRequest>,
 ) -> Result<(StatusCode, Json<RegisterResponse>), ApiError> {
     let result = async {
+        state.allow_registration(seen_from)?;
         validate_register(&state, &req)?;
         req.endpoints = crate::store::merge_endpoints(&req.endpoints, seen_from);
         let now = state.clock.now();
@@ -236,6 +240,7 @@ pub(super) async fn report_endpoints(
         (status = 401, body = ErrorBody),
         (status = 403, description = "node revoked or expired", body = ErrorBody),
         (status = 422, body = ErrorBody),
+        (status = 429, description = "more than 10 reports at once, then 1/s", body = ErrorBody),
     ))]
 pub(super) async fn report_status(
     State(state): State<AppState>,
@@ -243,6 +248,7 @@ pub(super) async fn report_status(
     SeenFrom(seen_from): SeenFrom,
     ApiJson(report): ApiJson<StatusReport>,
 ) -> Result<StatusCode, ApiError> {
+    state.allow_status(node.id)?;
     if report.peers.len() > MAX_STATUS_PEERS {
         return Err(ApiError::unprocessable(format!(
             "at most {MAX_STATUS_PEERS} `peers`"

@@ -57,6 +57,9 @@ const KEY_COLUMNS: &str = "id, description, reusable, max_uses, uses, expires_at
 #[derive(Debug, Clone)]
 pub struct PgStore {
     pool: PgPool,
+    /// Enrollment-key checks of unauthenticated registrations (one connection, opened on
+    /// first use): a flood of junk keys queues behind itself, not behind everyone else.
+    probe: PgPool,
     pools: Pools,
     guard: RouteGuard,
 }
@@ -184,14 +187,19 @@ impl PgStore {
             // One more for the `LISTEN` connection, which a `ChangeFeed` holds for good.
             .max_connections(max_connections.saturating_add(1))
             .acquire_timeout(Duration::from_secs(30))
-            .connect_with(connect)
+            .connect_with(connect.clone())
             .await?;
+        let probe = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_lazy_with(connect);
         MIGRATOR
             .run(&pool)
             .await
             .map_err(|e| StoreError::Db(e.into()))?;
         let store = Self {
             pool,
+            probe,
             pools: opts.pools,
             guard: opts.route_guard.clone(),
         };
@@ -411,7 +419,7 @@ impl PgStore {
     ) -> Result<(NodeRecord, String), StoreError> {
         let key_hash = secrets::hash(&req.enrollment_key);
         // A junk or dead key is refused before the write lock is taken.
-        Self::enrollment_key(&self.pool, &key_hash)
+        Self::enrollment_key(&self.probe, &key_hash)
             .await?
             .check_usable(now)?;
         let mut tx = self.begin_write().await?;
@@ -934,6 +942,7 @@ impl PgStore {
     }
 
     pub async fn close(&self) {
+        self.probe.close().await;
         self.pool.close().await;
     }
 }

@@ -50,6 +50,9 @@ const KEY_COLUMNS: &str = "id, description, reusable, max_uses, uses, expires_at
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     read: SqlitePool,
+    /// Enrollment-key checks of unauthenticated registrations: a pool of their own, so a
+    /// flood of junk keys queues behind itself, not behind nodes' and admins' reads.
+    probe: SqlitePool,
     write: SqlitePool,
     pools: Pools,
     guard: RouteGuard,
@@ -127,10 +130,15 @@ impl SqliteStore {
             .map_err(|e| StoreError::Db(e.into()))?;
         let read = SqlitePoolOptions::new()
             .max_connections(4)
+            .connect_with(connect.clone())
+            .await?;
+        let probe = SqlitePoolOptions::new()
+            .max_connections(1)
             .connect_with(connect)
             .await?;
         let store = Self {
             read,
+            probe,
             write,
             pools: opts.pools,
             guard: opts.route_guard.clone(),
@@ -349,7 +357,7 @@ impl SqliteStore {
     ) -> Result<(NodeRecord, String), StoreError> {
         let key_hash = secrets::hash(&req.enrollment_key);
         // A junk or dead key is refused from the read pool: it never takes the write lock.
-        Self::enrollment_key(&self.read, &key_hash)
+        Self::enrollment_key(&self.probe, &key_hash)
             .await?
             .check_usable(now)?;
         let mut tx = self.write.begin_with("BEGIN IMMEDIATE").await?;
@@ -862,6 +870,7 @@ impl SqliteStore {
     }
 
     pub async fn close(&self) {
+        self.probe.close().await;
         self.read.close().await;
         self.write.close().await;
     }
