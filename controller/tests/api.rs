@@ -253,6 +253,15 @@ async fn enrollment_key_settings_are_validated() {
     assert!(r.body["key"].as_str().expect("key").starts_with("sme_"));
     assert_eq!(r.body["tags"], json!(["a", "field"]));
     assert_eq!(r.body["max_uses"], json!(5));
+    // A reusable key without `max_uses` is finite too: a leaked key cannot drain the pool.
+    let r = c
+        .admin(
+            Method::POST,
+            "/api/v1/enrollment-keys",
+            Some(json!({"reusable": true})),
+        )
+        .await;
+    assert_eq!(r.body["max_uses"], json!(100), "{}", r.text);
 }
 
 #[tokio::test]

@@ -184,7 +184,7 @@ fn kill_9_during_registrations_loses_no_acknowledged_write() {
         "POST",
         "/api/v1/enrollment-keys",
         Some(&token),
-        Some(&json!({"reusable": true, "auto_approve": true})),
+        Some(&json!({"reusable": true, "max_uses": 1_000_000, "auto_approve": true})),
     )
     .expect("create key");
     assert_eq!(status, 201, "{key}");

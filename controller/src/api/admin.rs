@@ -23,6 +23,9 @@ fn validate_tags(tags: &[String]) -> Result<(), ApiError> {
         .try_for_each(|t| validate_tag(t).map_err(ApiError::unprocessable))
 }
 
+/// Uses of a reusable enrollment key created without `max_uses`.
+pub const DEFAULT_REUSABLE_MAX_USES: u32 = 100;
+
 /// Body of `POST /api/v1/enrollment-keys`.
 #[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -32,7 +35,8 @@ pub struct CreateEnrollmentKey {
     /// `false` (default): one-off, usable once. `true`: usable up to `max_uses` times.
     #[serde(default)]
     pub reusable: bool,
-    /// Reusable keys only; omitted means unlimited.
+    /// Reusable keys only; omitted means 100 (`DEFAULT_REUSABLE_MAX_USES`): a leaked key
+    /// must not be able to drain the address pool. Ask for more explicitly.
     pub max_uses: Option<u32>,
     /// The key stops working this many seconds from now.
     pub expires_in_secs: Option<u64>,
@@ -114,7 +118,11 @@ pub(super) async fn create_enrollment_key(
     let new = NewEnrollmentKey {
         description: req.description,
         reusable: req.reusable,
-        max_uses: if req.reusable { req.max_uses } else { Some(1) },
+        max_uses: Some(if req.reusable {
+            req.max_uses.unwrap_or(DEFAULT_REUSABLE_MAX_USES)
+        } else {
+            1
+        }),
         expires_at: req.expires_in_secs.map(|s| now + s),
         tags,
         auto_approve: req.auto_approve,

@@ -102,7 +102,7 @@ pub struct EnrollmentKeyInfo {
     pub id: u64,
     pub description: String,
     pub reusable: bool,
-    /// `null`: unlimited (reusable keys only).
+    /// `null`: unlimited (keys created before the default of 100 uses for reusable keys).
     pub max_uses: Option<u32>,
     pub uses: u32,
     /// Unix seconds.

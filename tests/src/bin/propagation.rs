@@ -53,7 +53,7 @@ async fn main() -> anyhow::Result<()> {
     let admin = |req: reqwest::RequestBuilder| req.bearer_auth(&controller.admin_token);
     let key: serde_json::Value =
         admin(http.post(format!("{}/api/v1/enrollment-keys", controller.url)))
-            .json(&json!({"reusable": true, "auto_approve": true}))
+            .json(&json!({"reusable": true, "auto_approve": true, "max_uses": args.agents.max(1)}))
             .send()
             .await?
             .error_for_status()?
