@@ -24,7 +24,7 @@ fn validate_tags(tags: &[String]) -> Result<(), ApiError> {
 }
 
 /// Uses of a reusable enrollment key created without `max_uses`.
-pub const DEFAULT_REUSABLE_MAX_USES: u32 = 100;
+pub(super) const DEFAULT_REUSABLE_MAX_USES: u32 = 100;
 
 /// Body of `POST /api/v1/enrollment-keys`.
 #[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
