@@ -123,9 +123,12 @@ impl FromRequestParts<AppState> for AdminAuth {
         if !token.starts_with(secrets::ADMIN_TOKEN_PREFIX) {
             return Err(ApiError::unauthorized("not an admin API token"));
         }
-        match state.store.admin_token(&secrets::hash(token)).await? {
+        let now = state.clock.now();
+        match state.store.admin_token(&secrets::hash(token), now).await? {
             Some((token_id, scope)) => Ok(AdminAuth { token_id, scope }),
-            None => Err(ApiError::unauthorized("unknown or revoked API token")),
+            None => Err(ApiError::unauthorized(
+                "unknown, revoked or expired API token",
+            )),
         }
     }
 }

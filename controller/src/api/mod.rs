@@ -25,7 +25,10 @@ use utoipa::{Modify, OpenApi};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-pub use admin::{CreateEnrollmentKey, CreatedEnrollmentKey, NodeDetail, PatchNode};
+pub use admin::{
+    CreateAdminToken, CreateEnrollmentKey, CreatedAdminToken, CreatedEnrollmentKey, NodeDetail,
+    PatchNode,
+};
 
 use crate::config::LimitsConfig;
 use crate::error::ApiError;
@@ -315,6 +318,7 @@ impl Modify for SecuritySchemes {
     tags(
         (name = "system", description = "Health, metrics, this document"),
         (name = "enrollment", description = "Enrollment keys (admin)"),
+        (name = "tokens", description = "Admin API tokens (admin)"),
         (name = "nodes", description = "Node management (admin)"),
         (name = "node", description = "Node-facing: registration and netmaps"),
         (name = "audit", description = "Hash-chained audit log"),
@@ -332,6 +336,8 @@ fn routes() -> OpenApiRouter<AppState> {
             admin::list_enrollment_keys
         ))
         .routes(routes!(admin::revoke_enrollment_key))
+        .routes(routes!(admin::create_admin_token, admin::list_admin_tokens))
+        .routes(routes!(admin::revoke_admin_token))
         .routes(routes!(node::register))
         .routes(routes!(node::netmap))
         .routes(routes!(stream::netmap_stream))

@@ -28,7 +28,7 @@ use crate::routes::{RouteError, RouteGuard};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("{0}")]
+    #[error("{0} not found")]
     NotFound(&'static str),
     #[error("unknown enrollment key")]
     InvalidEnrollmentKey,
@@ -65,7 +65,7 @@ fn key_mismatch(have: &str, want: &str) -> String {
     )
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Scope {
     Admin,
@@ -79,6 +79,26 @@ impl Scope {
             Scope::ReadOnly => "read_only",
         }
     }
+
+    fn parse(s: &str) -> Result<Self, StoreError> {
+        match s {
+            "admin" => Ok(Scope::Admin),
+            "read_only" => Ok(Scope::ReadOnly),
+            other => Err(rows::corrupt(format!("token scope {other:?}"))),
+        }
+    }
+}
+
+/// An admin API token as listed (the secret is never shown again).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct AdminTokenInfo {
+    pub id: u64,
+    pub scope: Scope,
+    /// Unix seconds.
+    pub created_at: u64,
+    /// Unix seconds after which the token is refused; `null`: never.
+    pub expires_at: Option<u64>,
+    pub revoked_at: Option<u64>,
 }
 
 /// Who made a change, as written to the audit log.
@@ -344,17 +364,38 @@ impl Store {
         delegate!(self, s => s.pools())
     }
 
+    /// Creates a token (expiring at `expires_at` when given); returns its id and secret.
     pub async fn create_admin_token(
         &self,
         actor: &Actor,
         scope: Scope,
+        expires_at: Option<u64>,
         now: u64,
     ) -> Result<(u64, String), StoreError> {
-        delegate!(self, s => s.create_admin_token(actor, scope, now).await)
+        delegate!(self, s => s.create_admin_token(actor, scope, expires_at, now).await)
     }
 
-    pub async fn admin_token(&self, hash: &[u8; 32]) -> Result<Option<(u64, Scope)>, StoreError> {
-        delegate!(self, s => s.admin_token(hash).await)
+    /// The token with this hash, unless revoked or expired at `now`.
+    pub async fn admin_token(
+        &self,
+        hash: &[u8; 32],
+        now: u64,
+    ) -> Result<Option<(u64, Scope)>, StoreError> {
+        delegate!(self, s => s.admin_token(hash, now).await)
+    }
+
+    pub async fn admin_tokens(&self) -> Result<Vec<AdminTokenInfo>, StoreError> {
+        delegate!(self, s => s.admin_tokens().await)
+    }
+
+    /// Revokes a token (idempotent), audited as `admin_token.revoke`.
+    pub async fn revoke_admin_token(
+        &self,
+        actor: &Actor,
+        id: u64,
+        now: u64,
+    ) -> Result<AdminTokenInfo, StoreError> {
+        delegate!(self, s => s.revoke_admin_token(actor, id, now).await)
     }
 
     pub async fn create_enrollment_key(

@@ -284,17 +284,19 @@ impl PgStore {
         &self,
         actor: &Actor,
         scope: Scope,
+        expires_at: Option<u64>,
         now: u64,
     ) -> Result<(u64, String), StoreError> {
         let (token, hash) = secrets::generate(secrets::ADMIN_TOKEN_PREFIX);
         let mut tx = self.begin_write().await?;
         let id: i64 = sqlx::query_scalar(
-            "INSERT INTO admin_tokens (token_hash, scope, created_at) VALUES ($1, $2, $3) \
-             RETURNING id",
+            "INSERT INTO admin_tokens (token_hash, scope, created_at, expires_at) \
+             VALUES ($1, $2, $3, $4) RETURNING id",
         )
         .bind(&hash[..])
         .bind(scope.as_str())
         .bind(to_i64(now))
+        .bind(expires_at.map(to_i64))
         .fetch_one(&mut *tx)
         .await?;
         append_audit(
@@ -303,29 +305,67 @@ impl PgStore {
             actor,
             "admin_token.create",
             Some(&format!("admin-token:{id}")),
-            serde_json::json!({ "scope": scope.as_str() }),
+            serde_json::json!({ "scope": scope.as_str(), "expires_at": expires_at }),
         )
         .await?;
         tx.commit().await?;
         Ok((to_u64(id)?, token))
     }
 
-    pub async fn admin_token(&self, hash: &[u8; 32]) -> Result<Option<(u64, Scope)>, StoreError> {
+    pub async fn admin_token(
+        &self,
+        hash: &[u8; 32],
+        now: u64,
+    ) -> Result<Option<(u64, Scope)>, StoreError> {
         let row: Option<(i64, String)> = sqlx::query_as(
-            "SELECT id, scope FROM admin_tokens WHERE token_hash = $1 AND revoked_at IS NULL",
+            "SELECT id, scope FROM admin_tokens WHERE token_hash = $1 \
+             AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > $2)",
         )
         .bind(&hash[..])
+        .bind(to_i64(now))
         .fetch_optional(&self.pool)
         .await?;
-        row.map(|(id, scope)| {
-            let scope = match scope.as_str() {
-                "admin" => Scope::Admin,
-                "read_only" => Scope::ReadOnly,
-                other => return Err(corrupt(format!("token scope {other:?}"))),
-            };
-            Ok((to_u64(id)?, scope))
-        })
-        .transpose()
+        row.map(|(id, scope)| Ok((to_u64(id)?, Scope::parse(&scope)?)))
+            .transpose()
+    }
+
+    pub async fn admin_tokens(&self) -> Result<Vec<super::AdminTokenInfo>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, scope, created_at, expires_at, revoked_at FROM admin_tokens ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(rows::token_from_row).collect()
+    }
+
+    pub async fn revoke_admin_token(
+        &self,
+        actor: &Actor,
+        id: u64,
+        now: u64,
+    ) -> Result<super::AdminTokenInfo, StoreError> {
+        let mut tx = self.begin_write().await?;
+        let row = sqlx::query(
+            "UPDATE admin_tokens SET revoked_at = coalesce(revoked_at, $1) WHERE id = $2 \
+             RETURNING id, scope, created_at, expires_at, revoked_at",
+        )
+        .bind(to_i64(now))
+        .bind(to_i64(id))
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or(StoreError::NotFound("admin token"))?;
+        let info = rows::token_from_row(&row)?;
+        append_audit(
+            &mut tx,
+            now,
+            actor,
+            "admin_token.revoke",
+            Some(&format!("admin-token:{id}")),
+            serde_json::json!({}),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(info)
     }
 
     pub async fn create_enrollment_key(
