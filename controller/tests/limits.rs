@@ -27,14 +27,20 @@ async fn open_stream(tc: &TestController, credential: &str) -> axum::response::R
     tc.app().oneshot(req).await.expect("infallible")
 }
 
-#[tokio::test]
-async fn a_third_netmap_stream_of_one_node_is_refused_with_429_until_one_closes() {
+/// A controller with two approved nodes; their credentials.
+async fn two_nodes() -> (TestController, String, String) {
     let tc = TestController::new().await;
     let key = tc
         .enrollment_key(json!({"reusable": true, "auto_approve": true}))
         .await;
     let (_, a) = tc.register_ok(&key, 1, "a").await;
     let (_, b) = tc.register_ok(&key, 2, "b").await;
+    (tc, a, b)
+}
+
+#[tokio::test]
+async fn a_third_netmap_stream_of_one_node_is_refused_with_429_until_one_closes() {
+    let (tc, a, b) = two_nodes().await;
     let first = open_stream(&tc, &a).await;
     let second = open_stream(&tc, &a).await;
     assert_eq!(first.status(), StatusCode::OK);
@@ -53,12 +59,7 @@ async fn a_third_netmap_stream_of_one_node_is_refused_with_429_until_one_closes(
 
 #[tokio::test]
 async fn status_reports_past_the_per_node_burst_are_refused() {
-    let tc = TestController::new().await;
-    let key = tc
-        .enrollment_key(json!({"reusable": true, "auto_approve": true}))
-        .await;
-    let (_, a) = tc.register_ok(&key, 1, "a").await;
-    let (_, b) = tc.register_ok(&key, 2, "b").await;
+    let (tc, a, b) = two_nodes().await;
     let report = json!({"serial": 1, "peers": []});
     let send = |cred: String| {
         let tc = &tc;
