@@ -35,7 +35,7 @@ async fn setup(dir: &std::path::Path) -> (AppState, String) {
     let actor = Actor("bench".into());
     state
         .store
-        .create_admin_token(&actor, Scope::Admin, 0)
+        .create_admin_token(&actor, Scope::Admin, None, 0)
         .await
         .expect("token");
     let (_, secret) = state
@@ -49,6 +49,7 @@ async fn setup(dir: &std::path::Path) -> (AppState, String) {
                 expires_at: None,
                 tags: vec!["field".into()],
                 auto_approve: true,
+                auto_approve_routes: Vec::new(),
                 node_ttl_secs: None,
             },
             0,

@@ -62,6 +62,12 @@ pub struct Config {
     pub mtu: u16,
     /// Largest request body accepted, in bytes.
     pub max_body_bytes: usize,
+    /// A node's IPv4 subnet routes together may cover at most as many addresses as one
+    /// prefix of this length (default 16: one /16).
+    pub max_route_prefix_v4: u8,
+    /// The same for IPv6 routes (default 48: one /48).
+    pub max_route_prefix_v6: u8,
+    pub limits: LimitsConfig,
     pub policy: PolicyConfig,
     /// UDP port of the STUN reflector (on the API's listen address), which agents ask for
     /// their NAT-mapped address; the next port answers too, so an agent can tell an
@@ -72,6 +78,66 @@ pub struct Config {
     pub relay_port: u16,
 }
 
+/// `limits:` — what one client, or all of them together, may hold of the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Open connections at most; past it new connections are closed at once.
+    pub max_connections: usize,
+    /// Open connections from one source address at most (behind a reverse proxy, the proxy
+    /// is one source: raise it there).
+    pub max_connections_per_source: usize,
+    /// A client must send a request's headers within this many seconds (also the idle time
+    /// allowed between requests on a kept-alive connection, and the TLS handshake time).
+    pub header_timeout_secs: u64,
+    /// A client must send a request's body within this many seconds.
+    pub body_timeout_secs: u64,
+    /// Registrations accepted per source address per minute (all of them at once, then
+    /// evenly spread); 0: unlimited.
+    pub register_per_minute: u32,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_connections: 4096,
+            max_connections_per_source: 256,
+            header_timeout_secs: 10,
+            body_timeout_secs: 10,
+            register_per_minute: 60,
+        }
+    }
+}
+
+impl LimitsConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !(1..=1_000_000).contains(&self.max_connections) {
+            return Err(invalid(
+                "limits.max_connections",
+                format!("{} is outside 1..=1000000", self.max_connections),
+            ));
+        }
+        if !(1..=self.max_connections).contains(&self.max_connections_per_source) {
+            return Err(invalid(
+                "limits.max_connections_per_source",
+                format!(
+                    "{} is outside 1..={} (limits.max_connections)",
+                    self.max_connections_per_source, self.max_connections
+                ),
+            ));
+        }
+        for (field, v) in [
+            ("limits.header_timeout_secs", self.header_timeout_secs),
+            ("limits.body_timeout_secs", self.body_timeout_secs),
+        ] {
+            if !(1..=3600).contains(&v) {
+                return Err(invalid(field, format!("{v} is outside 1..=3600")));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// `database:` — a shared PostgreSQL database.
 #[derive(Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -79,7 +145,7 @@ pub struct DatabaseConfig {
     /// `postgres://user:password@host:5432/dbname` (libpq-style parameters such as
     /// `?sslmode=require` or `?host=/run/postgresql` are understood).
     pub url: String,
-    /// Connections this controller keeps in its pool (plus one for change notifications).
+    /// Connections this controller keeps in its pool (plus one for change notifications and one for enrollment-key checks).
     #[serde(default = "default_max_connections")]
     pub max_connections: u32,
 }
@@ -133,6 +199,9 @@ impl Default for Config {
             overlay: OverlayConfig::default(),
             mtu: 1380,
             max_body_bytes: 64 * 1024,
+            max_route_prefix_v4: crate::routes::DEFAULT_MAX_ROUTE_PREFIX_V4,
+            max_route_prefix_v6: crate::routes::DEFAULT_MAX_ROUTE_PREFIX_V6,
+            limits: LimitsConfig::default(),
             policy: PolicyConfig::default(),
             stun_port: skymesh_proto::stun::DEFAULT_PORT,
             relay_port: crate::relay::DEFAULT_PORT,
@@ -220,6 +289,19 @@ impl Config {
                 "65535 leaves no room for the second STUN port (stun_port + 1)",
             ));
         }
+        if !(1..=32).contains(&self.max_route_prefix_v4) {
+            return Err(invalid(
+                "max_route_prefix_v4",
+                format!("{} is outside 1..=32", self.max_route_prefix_v4),
+            ));
+        }
+        if !(1..=128).contains(&self.max_route_prefix_v6) {
+            return Err(invalid(
+                "max_route_prefix_v6",
+                format!("{} is outside 1..=128", self.max_route_prefix_v6),
+            ));
+        }
+        self.limits.validate()?;
         if let Some(db) = &self.database {
             db.validate()?;
         }
@@ -287,6 +369,17 @@ mod tests {
         assert!(e.to_string().contains("ipv7"), "{e}");
         let e = parse("overlay: { ipv4: not-a-cidr }").expect_err("bad cidr");
         assert!(e.to_string().contains("overlay"), "{e}");
+        let e = parse("max_route_prefix_v4: 0").expect_err("route cap");
+        assert!(e.to_string().contains("`max_route_prefix_v4`"), "{e}");
+        let e = parse("max_route_prefix_v6: 129").expect_err("route cap");
+        assert!(e.to_string().contains("`max_route_prefix_v6`"), "{e}");
+        let e = parse("limits: { max_connections_per_source: 0 }").expect_err("per source");
+        assert!(
+            e.to_string().contains("limits.max_connections_per_source"),
+            "{e}"
+        );
+        let e = parse("limits: { header_timeout_secs: 0 }").expect_err("timeout");
+        assert!(e.to_string().contains("limits.header_timeout_secs"), "{e}");
         let e = parse("mtu: 100").expect_err("mtu");
         assert!(e.to_string().contains("`mtu`"), "{e}");
         let e = parse("overlay: { ipv6: 2001:db8::/64 }").expect_err("not ula");

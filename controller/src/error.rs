@@ -49,6 +49,10 @@ impl ApiError {
     pub fn forbidden(code: &'static str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::FORBIDDEN, code, message)
     }
+    /// 429: the caller exceeded a per-credential or per-address limit.
+    pub fn too_many(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::TOO_MANY_REQUESTS, code, message)
+    }
     pub fn not_found(message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, "not_found", message)
     }
@@ -93,6 +97,11 @@ impl From<StoreError> for ApiError {
             }
             E::NodeRevoked => Self::new(StatusCode::CONFLICT, "node_revoked", e.to_string()),
             E::RouteNotAdvertised(_) => Self::unprocessable(e.to_string()),
+            E::RouteRefused(_) => Self::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "route_refused",
+                e.to_string(),
+            ),
             E::PoolExhausted => Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "address_pool_exhausted",

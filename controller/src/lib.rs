@@ -9,10 +9,12 @@ pub mod audit;
 pub mod config;
 pub mod error;
 pub mod ipam;
+pub mod limit;
 pub mod metrics;
 pub mod netmap;
 pub mod policy;
 pub mod relay;
+pub mod routes;
 pub mod secrets;
 pub mod server;
 pub mod signing;
@@ -69,6 +71,17 @@ pub fn store_options(config: &Config) -> StoreOptions {
         },
         policy_fingerprint: Policy::new(&config.policy).fingerprint(),
         controller_public_key: None,
+        route_guard: routes::RouteGuard {
+            limits: routes::RouteLimits {
+                max_prefix_v4: config.max_route_prefix_v4,
+                max_prefix_v6: config.max_route_prefix_v6,
+            },
+            // An unspecified listen address names no address to protect.
+            protected: Some(config.listen.ip())
+                .filter(|ip| !ip.is_unspecified())
+                .into_iter()
+                .collect(),
+        },
     }
 }
 
@@ -114,6 +127,7 @@ pub async fn open(config: &Config, clock: Clock) -> Result<AppState, OpenError> 
         Policy::new(&config.policy),
         config.mtu,
         config.max_body_bytes,
+        config.limits,
         clock,
     );
     if let Some(feed) = feed {

@@ -23,7 +23,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the HTTP API.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Manage admin API tokens.
     AdminToken {
         #[command(subcommand)]
@@ -81,6 +81,29 @@ struct ServeArgs {
     /// directly (overrides `relay_port`; 0 = off; default 3480).
     #[arg(long, env = "SKYMESH_RELAY_PORT")]
     relay_port: Option<u16>,
+    /// A node's IPv4 routes together cover at most one /N (overrides `max_route_prefix_v4`).
+    #[arg(long, env = "SKYMESH_MAX_ROUTE_PREFIX_V4")]
+    max_route_prefix_v4: Option<u8>,
+    /// A node's IPv6 routes together cover at most one /N (overrides `max_route_prefix_v6`).
+    #[arg(long, env = "SKYMESH_MAX_ROUTE_PREFIX_V6")]
+    max_route_prefix_v6: Option<u8>,
+    /// Open connections at most (overrides `limits.max_connections`).
+    #[arg(long, env = "SKYMESH_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
+    /// Open connections per source address (overrides `limits.max_connections_per_source`).
+    #[arg(long, env = "SKYMESH_MAX_CONNECTIONS_PER_SOURCE")]
+    max_connections_per_source: Option<usize>,
+    /// Seconds to send request headers, and idle between requests (overrides
+    /// `limits.header_timeout_secs`).
+    #[arg(long, env = "SKYMESH_HEADER_TIMEOUT_SECS")]
+    header_timeout_secs: Option<u64>,
+    /// Seconds to send a request body (overrides `limits.body_timeout_secs`).
+    #[arg(long, env = "SKYMESH_BODY_TIMEOUT_SECS")]
+    body_timeout_secs: Option<u64>,
+    /// Registrations per source address per minute, 0 = unlimited (overrides
+    /// `limits.register_per_minute`).
+    #[arg(long, env = "SKYMESH_REGISTER_PER_MINUTE")]
+    register_per_minute: Option<u32>,
     /// PEM certificate chain: serve HTTPS (rustls). Without it the API is plain HTTP.
     #[arg(long, env = "SKYMESH_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -98,7 +121,105 @@ enum TokenCommand {
         /// Create a read-only token (GET endpoints only).
         #[arg(long, env = "SKYMESH_READ_ONLY")]
         read_only: bool,
+        /// The token stops working after this long: seconds, or a number with s, m, h or d
+        /// (`90d`). Without it the token never expires.
+        #[arg(long, env = "SKYMESH_TOKEN_EXPIRES_IN", value_parser = parse_duration_secs)]
+        expires_in: Option<u64>,
     },
+    /// List tokens: id, scope, created, expires, revoked (unix seconds).
+    List {
+        #[command(flatten)]
+        common: CommonArgs,
+    },
+    /// Revoke a token by id; it is refused from then on.
+    Revoke {
+        #[command(flatten)]
+        common: CommonArgs,
+        /// The token's id (see `list`).
+        id: u64,
+    },
+}
+
+/// `90d`, `12h`, `30m`, `45s` or plain seconds, as seconds (1 s to ~100 years).
+fn parse_duration_secs(s: &str) -> Result<u64, String> {
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 90d, 12h, 30m or 3600"))?;
+    let mult = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        other => return Err(format!("unknown unit {other:?}: use s, m, h or d")),
+    };
+    let secs = n.saturating_mul(mult);
+    if !(1..=100 * 365 * 86_400).contains(&secs) {
+        return Err(format!("{s:?} is outside 1 s to 100 years"));
+    }
+    Ok(secs)
+}
+
+async fn admin_token(command: TokenCommand) -> anyhow::Result<ExitCode> {
+    let actor = Actor("cli".into());
+    match command {
+        TokenCommand::Create {
+            common,
+            read_only,
+            expires_in,
+        } => {
+            let config = load_config(&common)?;
+            let store = open_store(&config).await?;
+            let scope = if read_only {
+                Scope::ReadOnly
+            } else {
+                Scope::Admin
+            };
+            let now = now();
+            let expires_at = expires_in.map(|s| now + s);
+            let (id, token) = store
+                .create_admin_token(&actor, scope, expires_at, now)
+                .await?;
+            store.close().await;
+            match expires_at {
+                Some(t) => eprintln!(
+                    "created {scope:?} token {id}, expiring at {t} (unix); it is shown only once:"
+                ),
+                None => eprintln!("created {scope:?} token {id}; it is shown only once:"),
+            }
+            println!("{token}");
+        }
+        TokenCommand::List { common } => {
+            let config = load_config(&common)?;
+            let store = open_store(&config).await?;
+            let tokens = store.admin_tokens().await?;
+            store.close().await;
+            let opt = |v: Option<u64>| v.map_or_else(|| "-".to_owned(), |t| t.to_string());
+            println!("id\tscope\tcreated_at\texpires_at\trevoked_at");
+            for t in tokens {
+                println!(
+                    "{}\t{:?}\t{}\t{}\t{}",
+                    t.id,
+                    t.scope,
+                    t.created_at,
+                    opt(t.expires_at),
+                    opt(t.revoked_at)
+                );
+            }
+        }
+        TokenCommand::Revoke { common, id } => {
+            let config = load_config(&common)?;
+            let store = open_store(&config).await?;
+            let result = store.revoke_admin_token(&actor, id, now()).await;
+            store.close().await;
+            result.with_context(|| format!("revoking admin token {id}"))?;
+            eprintln!("revoked admin token {id}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 #[derive(Subcommand)]
@@ -181,6 +302,28 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     if let Some(v) = args.max_body_bytes {
         config.max_body_bytes = v;
+    }
+    if let Some(v) = args.max_route_prefix_v4 {
+        config.max_route_prefix_v4 = v;
+    }
+    if let Some(v) = args.max_route_prefix_v6 {
+        config.max_route_prefix_v6 = v;
+    }
+    let limits = &mut config.limits;
+    if let Some(v) = args.max_connections {
+        limits.max_connections = v;
+    }
+    if let Some(v) = args.max_connections_per_source {
+        limits.max_connections_per_source = v;
+    }
+    if let Some(v) = args.header_timeout_secs {
+        limits.header_timeout_secs = v;
+    }
+    if let Some(v) = args.body_timeout_secs {
+        limits.body_timeout_secs = v;
+    }
+    if let Some(v) = args.register_per_minute {
+        limits.register_per_minute = v;
     }
     if let Some(v) = args.signing_key {
         config.signing_key = Some(v);
@@ -284,25 +427,8 @@ async fn shutdown_signal() {
 async fn try_main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve(args) => serve(args).await.map(|()| ExitCode::SUCCESS),
-        Command::AdminToken {
-            command: TokenCommand::Create { common, read_only },
-        } => {
-            let config = load_config(&common)?;
-            let store = open_store(&config).await?;
-            let scope = if read_only {
-                Scope::ReadOnly
-            } else {
-                Scope::Admin
-            };
-            let (id, token) = store
-                .create_admin_token(&Actor("cli".into()), scope, now())
-                .await?;
-            store.close().await;
-            eprintln!("created {scope:?} token {id}; it is shown only once:");
-            println!("{token}");
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Serve(args) => serve(*args).await.map(|()| ExitCode::SUCCESS),
+        Command::AdminToken { command } => admin_token(command).await,
         Command::Audit {
             command: AuditCommand::Verify { common },
         } => {

@@ -253,6 +253,15 @@ async fn enrollment_key_settings_are_validated() {
     assert!(r.body["key"].as_str().expect("key").starts_with("sme_"));
     assert_eq!(r.body["tags"], json!(["a", "field"]));
     assert_eq!(r.body["max_uses"], json!(5));
+    // A reusable key without `max_uses` is finite too: a leaked key cannot drain the pool.
+    let r = c
+        .admin(
+            Method::POST,
+            "/api/v1/enrollment-keys",
+            Some(json!({"reusable": true})),
+        )
+        .await;
+    assert_eq!(r.body["max_uses"], json!(100), "{}", r.text);
 }
 
 #[tokio::test]
@@ -278,7 +287,7 @@ async fn tokens_are_checked_and_read_only_tokens_cannot_write() {
     let (_, ro) = c
         .state
         .store
-        .create_admin_token(&Actor("test".into()), Scope::ReadOnly, common::T0)
+        .create_admin_token(&Actor("test".into()), Scope::ReadOnly, None, common::T0)
         .await
         .expect("ro token");
     let r = c.call(Method::GET, "/api/v1/nodes", Some(&ro), None).await;
@@ -703,7 +712,7 @@ async fn audit_log_records_admin_changes_and_verifies() {
 }
 
 #[tokio::test]
-async fn healthz_and_metrics_report_state() {
+async fn healthz_and_metrics_report_state_and_metrics_need_a_token() {
     let c = TestController::new().await;
     let key = c.enrollment_key(json!({"auto_approve": true})).await;
     let (n, _) = c.register_ok(&key, 1, "n").await;
@@ -715,8 +724,18 @@ async fn healthz_and_metrics_report_state() {
     c.advance(2);
     let h = c.call(Method::GET, "/healthz", None, None).await;
     assert_eq!(h.body["status"], "ok");
-    let m = c.call(Method::GET, "/metrics", None, None).await;
-    assert_eq!(m.status, StatusCode::OK);
+    // Metrics name nodes, peers and carrier addresses: a token is needed, read-only will do.
+    c.call(Method::GET, "/metrics", None, None)
+        .await
+        .assert_error(401, "unauthorized");
+    let (_, auditor) = c
+        .state
+        .store
+        .create_admin_token(&Actor("test".into()), Scope::ReadOnly, None, common::T0)
+        .await
+        .expect("read-only token");
+    let m = c.call(Method::GET, "/metrics", Some(&auditor), None).await;
+    assert_eq!(m.status, StatusCode::OK, "{}", m.text);
     for line in [
         "skymesh_registrations_total 2".to_owned(),
         "skymesh_registrations_refused_total 1".to_owned(),
@@ -729,6 +748,98 @@ async fn healthz_and_metrics_report_state() {
             m.text.lines().any(|l| l == line),
             "missing {line:?} in\n{}",
             m.text
+        );
+    }
+}
+
+#[tokio::test]
+async fn admin_tokens_expire_are_listed_and_revoked_and_every_change_is_audited() {
+    let c = TestController::new().await;
+    let create = |body: Value| {
+        let c = &c;
+        async move {
+            c.admin(Method::POST, "/api/v1/admin-tokens", Some(body))
+                .await
+        }
+    };
+    let r = create(json!({"scope": "read_only", "expires_in_secs": 60})).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    let short = r.body["token"].as_str().expect("token").to_owned();
+    let short_id = r.body["id"].as_u64().expect("id");
+    assert_eq!(r.body["expires_at"], json!(common::T0 + 60));
+    let r = create(json!({"scope": "admin"})).await;
+    let second = r.body["token"].as_str().expect("token").to_owned();
+    let second_id = r.body["id"].as_u64().expect("id");
+    create(json!({"scope": "admin", "expires_in_secs": 0}))
+        .await
+        .assert_error(422, "invalid_body");
+    create(json!({"scope": "root"}))
+        .await
+        .assert_error(422, "invalid_body");
+    // A read-only token cannot mint tokens.
+    c.call(
+        Method::POST,
+        "/api/v1/admin-tokens",
+        Some(&short),
+        Some(json!({"scope": "admin"})),
+    )
+    .await
+    .assert_error(403, "read_only_token");
+
+    let list = c.admin(Method::GET, "/api/v1/admin-tokens", None).await;
+    assert_eq!(
+        list.body.as_array().expect("list").len(),
+        3,
+        "{}",
+        list.text
+    );
+    assert!(!list.text.contains("sma_"), "secrets are never listed");
+
+    // Expiry: accepted until the second it expires.
+    c.advance(59);
+    let ok = c
+        .call(Method::GET, "/api/v1/nodes", Some(&short), None)
+        .await;
+    assert_eq!(ok.status, StatusCode::OK);
+    c.advance(1);
+    c.call(Method::GET, "/api/v1/nodes", Some(&short), None)
+        .await
+        .assert_error(401, "unauthorized");
+
+    // Revocation: refused at once; revoking again is harmless; unknown ids are 404.
+    let r = c
+        .admin(
+            Method::DELETE,
+            &format!("/api/v1/admin-tokens/{second_id}"),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.body["revoked_at"], json!(common::T0 + 60));
+    c.call(Method::GET, "/api/v1/nodes", Some(&second), None)
+        .await
+        .assert_error(401, "unauthorized");
+    c.admin(Method::DELETE, "/api/v1/admin-tokens/999", None)
+        .await
+        .assert_error(404, "not_found");
+
+    let audit = c.admin(Method::GET, "/api/v1/audit?limit=1000", None).await;
+    let actions: Vec<_> = audit
+        .body
+        .as_array()
+        .expect("audit")
+        .iter()
+        .map(|e| (e["action"].clone(), e["target"].clone()))
+        .collect();
+    for (action, id) in [
+        ("admin_token.create", short_id),
+        ("admin_token.create", second_id),
+        ("admin_token.revoke", second_id),
+    ] {
+        let target = json!(format!("admin-token:{id}"));
+        assert!(
+            actions.contains(&(json!(action), target)),
+            "{action} {id} not in {actions:?}"
         );
     }
 }

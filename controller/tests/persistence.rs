@@ -110,6 +110,8 @@ fn start(data: &Path) -> Server {
             "--data-dir",
         ])
         .arg(data)
+        // Hundreds of registrations from one address: a durability test, not the limiter's.
+        .args(["--register-per-minute", "0"])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -189,7 +191,7 @@ fn kill_9_during_registrations_loses_no_acknowledged_write() {
         "POST",
         "/api/v1/enrollment-keys",
         Some(&token),
-        Some(&json!({"reusable": true, "auto_approve": true})),
+        Some(&json!({"reusable": true, "max_uses": 1_000_000, "auto_approve": true})),
     )
     .expect("create key");
     assert_eq!(status, 201, "{key}");
@@ -278,4 +280,44 @@ fn kill_9_during_registrations_loses_no_acknowledged_write() {
         !stored.iter().any(|(_, a)| *a == ip),
         "address {ip} reused after restart"
     );
+}
+
+#[test]
+fn the_admin_token_cli_creates_expiring_tokens_lists_and_revokes_them() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let data = dir.path().join("data");
+    let cli = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .arg("admin-token")
+            .args(args)
+            .arg("--data-dir")
+            .arg(&data)
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("admin-token");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, token, err) = cli(&["create", "--read-only", "--expires-in", "90d"]);
+    assert!(ok && token.trim().starts_with("sma_"), "{err}");
+    assert!(err.contains("expiring at"), "{err}");
+    let (ok, _, err) = cli(&["create", "--expires-in", "9x"]);
+    assert!(!ok && err.contains("unknown unit"), "{err}");
+    let (ok, list, err) = cli(&["list"]);
+    assert!(ok, "{err}");
+    let row = list.lines().nth(1).expect("one token");
+    assert!(row.starts_with("1\tReadOnly\t"), "{list}");
+    assert!(!row.ends_with("\t-\t-"), "expiry shown: {list}");
+    let (ok, _, err) = cli(&["revoke", "1"]);
+    assert!(ok, "{err}");
+    let (_, list, _) = cli(&["list"]);
+    assert!(
+        !list.lines().nth(1).expect("row").ends_with("\t-"),
+        "{list}"
+    );
+    let (ok, _, err) = cli(&["revoke", "7"]);
+    assert!(!ok && err.contains("not found"), "{err}");
 }

@@ -66,11 +66,22 @@ impl Controller {
         listen: &str,
         tls: Option<&TlsFiles>,
     ) -> anyhow::Result<Self> {
+        Self::start_args(ns, listen, tls, &[])
+    }
+
+    /// Like [`Controller::start_with`], with extra `serve` flags.
+    pub fn start_args(
+        ns: Option<&str>,
+        listen: &str,
+        tls: Option<&TlsFiles>,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
         let data_dir = tempfile::tempdir()?;
         let exe = binary("skymesh-controller")?;
         let mut cmd = in_ns(ns, &exe);
         cmd.args(["serve", "--listen", listen, "--data-dir"])
-            .arg(data_dir.path());
+            .arg(data_dir.path())
+            .args(extra);
         // Outside a namespace several controllers may run at once: no fixed STUN ports.
         if ns.is_none() {
             cmd.args(["--stun-port", "0", "--relay-port", "0"]);

@@ -384,9 +384,12 @@ fn joined_field_units_fail_over_to_terrestrial_and_hq_sees_the_path() {
             .any(|u| u["name"] == "sat" && u["up"] == false),
         "{uplinks:?}"
     );
-    let metrics = run(controller
-        .curl(Some(&c))
-        .args(["-sS", &format!("{}/metrics", controller.url)]));
+    let metrics = run(controller.curl(Some(&c)).args([
+        "-sS",
+        "-H",
+        &format!("Authorization: Bearer {}", controller.admin_token),
+        &format!("{}/metrics", controller.url),
+    ]));
     let line = format!(
         "skymesh_node_path_uplink{{node=\"{a_id}\",name=\"field-a\",peer=\"{b_id}\",\
          peer_name=\"field-b\",uplink=\"terr\",kind=\"terrestrial\"}} 1"

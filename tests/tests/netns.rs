@@ -277,7 +277,8 @@ fn agents_join_mesh_route_revoke_and_survive_the_controller_going_away() {
         &hub,
         "POST",
         "/api/v1/enrollment-keys",
-        Some(&json!({"reusable": true, "auto_approve": true})),
+        Some(&json!({"reusable": true, "auto_approve": true,
+                     "auto_approve_routes": ["192.168.50.0/24"]})),
     )["key"]
         .as_str()
         .expect("key")
@@ -321,7 +322,7 @@ fn agents_join_mesh_route_revoke_and_survive_the_controller_going_away() {
     wait_until(limit, "a→b ping v6", || ping(&a.ns, &b6));
     wait_until(limit, "b→e ping v4", || ping(&b.ns, &e4));
 
-    // The LAN route: the embassy advertised it, it was auto-approved by the key.
+    // The LAN route: the embassy advertised it, the key auto-approved it (inside its prefixes).
     ip(&[
         "-n",
         &lan,

@@ -8,12 +8,14 @@ use serde::{Deserialize, Deserializer, Serialize};
 use skymesh_proto::NodeId;
 
 use super::extract::{AdminAuth, ApiJson, ApiPath, ApiQuery};
-use super::node::validate_name;
+use super::node::{validate_name, validate_routes};
 use super::AppState;
 use crate::audit::{AuditEntry, ChainHead};
 use crate::error::{ApiError, ErrorBody};
 use crate::policy::validate_tag;
-use crate::store::{EnrollmentKeyInfo, NewEnrollmentKey, NodePatch, NodeRecord, NodeSeen};
+use crate::store::{
+    AdminTokenInfo, EnrollmentKeyInfo, NewEnrollmentKey, NodePatch, NodeRecord, NodeSeen, Scope,
+};
 
 fn validate_tags(tags: &[String]) -> Result<(), ApiError> {
     if tags.len() > 32 {
@@ -22,6 +24,13 @@ fn validate_tags(tags: &[String]) -> Result<(), ApiError> {
     tags.iter()
         .try_for_each(|t| validate_tag(t).map_err(ApiError::unprocessable))
 }
+
+/// Longest accepted duration (~100 years), so the arithmetic and the database's i64 cannot
+/// overflow.
+const MAX_SECS: u64 = 100 * 365 * 24 * 3600;
+
+/// Uses of a reusable enrollment key created without `max_uses`.
+pub(super) const DEFAULT_REUSABLE_MAX_USES: u32 = 100;
 
 /// Body of `POST /api/v1/enrollment-keys`.
 #[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
@@ -32,7 +41,8 @@ pub struct CreateEnrollmentKey {
     /// `false` (default): one-off, usable once. `true`: usable up to `max_uses` times.
     #[serde(default)]
     pub reusable: bool,
-    /// Reusable keys only; omitted means unlimited.
+    /// Reusable keys only; omitted means 100 (`DEFAULT_REUSABLE_MAX_USES`): a leaked key
+    /// must not be able to drain the address pool. Ask for more explicitly.
     pub max_uses: Option<u32>,
     /// The key stops working this many seconds from now.
     pub expires_in_secs: Option<u64>,
@@ -42,6 +52,11 @@ pub struct CreateEnrollmentKey {
     /// Nodes registered with this key are approved at once instead of staying `pending`.
     #[serde(default)]
     pub auto_approve: bool,
+    /// With `auto_approve`: advertised routes inside one of these prefixes are approved at
+    /// registration too. Other routes (all of them when this is empty) wait for an admin.
+    #[serde(default)]
+    #[schema(value_type = Vec<String>)]
+    pub auto_approve_routes: Vec<IpNet>,
     /// Nodes registered with this key expire this many seconds after registering.
     pub node_ttl_secs: Option<u64>,
 }
@@ -84,8 +99,6 @@ pub(super) async fn create_enrollment_key(
         }
         _ => {}
     }
-    // Cap at ~100 years so the arithmetic and the database's i64 cannot overflow.
-    const MAX_SECS: u64 = 100 * 365 * 24 * 3600;
     for (field, v) in [
         ("expires_in_secs", req.expires_in_secs),
         ("node_ttl_secs", req.node_ttl_secs),
@@ -96,6 +109,12 @@ pub(super) async fn create_enrollment_key(
             )));
         }
     }
+    if !req.auto_approve_routes.is_empty() && !req.auto_approve {
+        return Err(ApiError::unprocessable(
+            "`auto_approve_routes` needs `auto_approve: true`",
+        ));
+    }
+    validate_routes(&state, "auto_approve_routes", &req.auto_approve_routes)?;
     let now = state.clock.now();
     let mut tags = req.tags.clone();
     tags.sort();
@@ -103,10 +122,15 @@ pub(super) async fn create_enrollment_key(
     let new = NewEnrollmentKey {
         description: req.description,
         reusable: req.reusable,
-        max_uses: if req.reusable { req.max_uses } else { Some(1) },
+        max_uses: Some(if req.reusable {
+            req.max_uses.unwrap_or(DEFAULT_REUSABLE_MAX_USES)
+        } else {
+            1
+        }),
         expires_at: req.expires_in_secs.map(|s| now + s),
         tags,
         auto_approve: req.auto_approve,
+        auto_approve_routes: crate::store::normalized_routes(&req.auto_approve_routes),
         node_ttl_secs: req.node_ttl_secs,
     };
     let (info, key) = state.store.create_enrollment_key(&actor, &new, now).await?;
@@ -146,6 +170,94 @@ pub(super) async fn revoke_enrollment_key(
         state
             .store
             .revoke_enrollment_key(&actor, id, state.clock.now())
+            .await?,
+    ))
+}
+
+/// Body of `POST /api/v1/admin-tokens`.
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateAdminToken {
+    /// `admin` (may change things) or `read_only` (GET endpoints and `/metrics`).
+    pub scope: Scope,
+    /// The token stops working this many seconds from now; omitted: never.
+    pub expires_in_secs: Option<u64>,
+}
+
+/// The created token; `token` is the secret and is shown only here.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct CreatedAdminToken {
+    pub token: String,
+    #[serde(flatten)]
+    pub info: AdminTokenInfo,
+}
+
+/// Create an admin API token (audited as `admin_token.create`).
+#[utoipa::path(post, path = "/api/v1/admin-tokens", tag = "tokens",
+    security(("admin_token" = [])),
+    request_body = CreateAdminToken,
+    responses(
+        (status = 201, body = CreatedAdminToken),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 422, body = ErrorBody),
+    ))]
+pub(super) async fn create_admin_token(
+    State(state): State<AppState>,
+    auth: AdminAuth,
+    ApiJson(req): ApiJson<CreateAdminToken>,
+) -> Result<(StatusCode, Json<CreatedAdminToken>), ApiError> {
+    let actor = auth.writer()?;
+    if req.expires_in_secs.is_some_and(|s| s == 0 || s > MAX_SECS) {
+        return Err(ApiError::unprocessable(format!(
+            "`expires_in_secs` must be between 1 and {MAX_SECS}"
+        )));
+    }
+    let now = state.clock.now();
+    let expires_at = req.expires_in_secs.map(|s| now + s);
+    let (id, token) = state
+        .store
+        .create_admin_token(&actor, req.scope, expires_at, now)
+        .await?;
+    let info = AdminTokenInfo {
+        id,
+        scope: req.scope,
+        created_at: now,
+        expires_at,
+        revoked_at: None,
+    };
+    Ok((StatusCode::CREATED, Json(CreatedAdminToken { token, info })))
+}
+
+/// List admin API tokens (secrets are never shown again).
+#[utoipa::path(get, path = "/api/v1/admin-tokens", tag = "tokens",
+    security(("admin_token" = [])),
+    responses((status = 200, body = Vec<AdminTokenInfo>), (status = 401, body = ErrorBody)))]
+pub(super) async fn list_admin_tokens(
+    State(state): State<AppState>,
+    _auth: AdminAuth,
+) -> Result<Json<Vec<AdminTokenInfo>>, ApiError> {
+    Ok(Json(state.store.admin_tokens().await?))
+}
+
+/// Revoke an admin API token (audited as `admin_token.revoke`); it is refused from now on.
+#[utoipa::path(delete, path = "/api/v1/admin-tokens/{id}", tag = "tokens",
+    security(("admin_token" = [])),
+    params(("id" = u64, Path, description = "Admin token id")),
+    responses(
+        (status = 200, body = AdminTokenInfo),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody),
+    ))]
+pub(super) async fn revoke_admin_token(
+    State(state): State<AppState>,
+    auth: AdminAuth,
+    ApiPath(id): ApiPath<u64>,
+) -> Result<Json<AdminTokenInfo>, ApiError> {
+    let actor = auth.writer()?;
+    Ok(Json(
+        state
+            .store
+            .revoke_admin_token(&actor, id, state.clock.now())
             .await?,
     ))
 }
@@ -254,6 +366,9 @@ pub(super) async fn patch_node(
     }
     if let Some(tags) = &req.tags {
         validate_tags(tags)?;
+    }
+    if let Some(routes) = &req.approved_routes {
+        validate_routes(&state, "approved_routes", routes)?;
     }
     if req.approve == Some(false) {
         return Err(ApiError::unprocessable(

@@ -16,13 +16,21 @@ use crate::store::{Actor, Scope};
 /// `axum::Json` with rejections mapped into the API's error format.
 pub(super) struct ApiJson<T>(pub(super) T);
 
-impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+impl<T: DeserializeOwned> FromRequest<AppState> for ApiJson<T> {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match axum::Json::<T>::from_request(req, state).await {
-            Ok(axum::Json(v)) => Ok(ApiJson(v)),
-            Err(r) => Err(json_rejection(r)),
+    /// The whole body must arrive within `limits.body_timeout_secs` (a client trickling it
+    /// byte by byte must not hold a connection and a task for ever).
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        let limit = std::time::Duration::from_secs(state.limits.body_timeout_secs);
+        match tokio::time::timeout(limit, axum::Json::<T>::from_request(req, state)).await {
+            Ok(Ok(axum::Json(v))) => Ok(ApiJson(v)),
+            Ok(Err(r)) => Err(json_rejection(r)),
+            Err(_) => Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                format!("the request body did not arrive within {limit:?}"),
+            )),
         }
     }
 }
@@ -115,9 +123,12 @@ impl FromRequestParts<AppState> for AdminAuth {
         if !token.starts_with(secrets::ADMIN_TOKEN_PREFIX) {
             return Err(ApiError::unauthorized("not an admin API token"));
         }
-        match state.store.admin_token(&secrets::hash(token)).await? {
+        let now = state.clock.now();
+        match state.store.admin_token(&secrets::hash(token), now).await? {
             Some((token_id, scope)) => Ok(AdminAuth { token_id, scope }),
-            None => Err(ApiError::unauthorized("unknown or revoked API token")),
+            None => Err(ApiError::unauthorized(
+                "unknown, revoked or expired API token",
+            )),
         }
     }
 }

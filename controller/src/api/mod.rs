@@ -8,24 +8,31 @@ mod node;
 mod stream;
 mod system;
 
-use std::collections::VecDeque;
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
+use std::sync::{Arc, PoisonError};
+use std::time::{Duration, Instant};
 
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::{Extension, Router};
 use ed25519_dalek::SigningKey;
-use skymesh_proto::ControllerPublicKey;
+use skymesh_proto::{ControllerPublicKey, NodeId};
 use tokio::sync::{watch, Mutex};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-pub use admin::{CreateEnrollmentKey, CreatedEnrollmentKey, NodeDetail, PatchNode};
+pub use admin::{
+    CreateAdminToken, CreateEnrollmentKey, CreatedAdminToken, CreatedEnrollmentKey, NodeDetail,
+    PatchNode,
+};
 
+use crate::config::LimitsConfig;
 use crate::error::ApiError;
+use crate::limit::RateLimiter;
 use crate::metrics::Metrics;
 use crate::netmap::Topology;
 use crate::policy::Policy;
@@ -40,6 +47,7 @@ pub struct AppState {
     pub policy: Policy,
     pub mtu: u16,
     pub max_body_bytes: usize,
+    pub limits: LimitsConfig,
     pub metrics: Arc<Metrics>,
     pub clock: Clock,
     /// Ports of this controller's STUN reflector, handed to agents in their netmap (empty:
@@ -54,6 +62,42 @@ pub struct AppState {
     changes: watch::Sender<u64>,
     /// Set once on shutdown: streams end so graceful shutdown does not wait on them forever.
     closing: watch::Sender<bool>,
+    /// Open netmap streams per node (see [`MAX_STREAMS_PER_NODE`]).
+    streams: Arc<std::sync::Mutex<HashMap<NodeId, usize>>>,
+    /// Status reports per node (see [`STATUS_BURST`]).
+    status_limit: Arc<std::sync::Mutex<RateLimiter<NodeId>>>,
+    /// Registrations per source address (`None`: unlimited).
+    source_limit: Option<Arc<std::sync::Mutex<RateLimiter<IpAddr>>>>,
+}
+
+/// Concurrent netmap streams one node credential may hold: one, plus one for a reconnect
+/// that arrives before the server noticed the old connection died.
+pub const MAX_STREAMS_PER_NODE: usize = 2;
+
+/// Status reports: a node may send this many at once (path switches while a link flaps),
+/// then one per [`STATUS_INTERVAL`]; agents report every few seconds at most.
+pub const STATUS_BURST: u32 = 10;
+pub const STATUS_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Keys a rate limiter tracks at most (memory bound under an address spray).
+const LIMITER_KEYS: usize = 65_536;
+
+/// A held netmap stream slot of one node; released on drop.
+pub(crate) struct StreamSlot {
+    streams: Arc<std::sync::Mutex<HashMap<NodeId, usize>>>,
+    node: NodeId,
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut streams = self.streams.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = streams.get_mut(&self.node) {
+            *n -= 1;
+            if *n == 0 {
+                streams.remove(&self.node);
+            }
+        }
+    }
 }
 
 /// How many topology snapshots are kept for delta resumption. A client further behind gets a
@@ -67,14 +111,27 @@ impl AppState {
         policy: Policy,
         mtu: u16,
         max_body_bytes: usize,
+        limits: LimitsConfig,
         clock: Clock,
     ) -> Self {
+        // `register_per_minute` at once (a site enrolling its units, many units behind one
+        // NAT), then evenly spread over the minute.
+        let source_limit = (limits.register_per_minute > 0).then(|| {
+            let n = limits.register_per_minute;
+            let interval = Duration::from_secs(60) / n;
+            Arc::new(std::sync::Mutex::new(RateLimiter::new(
+                n,
+                interval,
+                LIMITER_KEYS,
+            )))
+        });
         Self {
             store,
             signing_key: Arc::new(signing_key),
             policy,
             mtu,
             max_body_bytes,
+            limits,
             metrics: Arc::new(Metrics::default()),
             clock,
             stun_ports: Vec::new(),
@@ -82,6 +139,66 @@ impl AppState {
             topology: Arc::new(Mutex::new(VecDeque::with_capacity(TOPOLOGY_HISTORY))),
             changes: watch::Sender::new(0),
             closing: watch::Sender::new(false),
+            streams: Arc::default(),
+            status_limit: Arc::new(std::sync::Mutex::new(RateLimiter::new(
+                STATUS_BURST,
+                STATUS_INTERVAL,
+                LIMITER_KEYS,
+            ))),
+            source_limit,
+        }
+    }
+
+    /// Takes one of the node's [`MAX_STREAMS_PER_NODE`] stream slots, or refuses with 429.
+    pub(crate) fn stream_slot(&self, node: NodeId) -> Result<StreamSlot, ApiError> {
+        let mut streams = self.streams.lock().unwrap_or_else(PoisonError::into_inner);
+        let n = streams.entry(node).or_default();
+        if *n >= MAX_STREAMS_PER_NODE {
+            return Err(ApiError::too_many(
+                "too_many_streams",
+                format!(
+                    "this node already holds {MAX_STREAMS_PER_NODE} netmap streams; close one \
+                     first"
+                ),
+            ));
+        }
+        *n += 1;
+        Ok(StreamSlot {
+            streams: Arc::clone(&self.streams),
+            node,
+        })
+    }
+
+    /// Counts a status report of `node`, or refuses with 429 past [`STATUS_BURST`].
+    pub(crate) fn allow_status(&self, node: NodeId) -> Result<(), ApiError> {
+        let mut l = self
+            .status_limit
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if l.allow(node, Instant::now()) {
+            Ok(())
+        } else {
+            Err(ApiError::too_many(
+                "rate_limited",
+                "status reports are limited per node; try again in a second",
+            ))
+        }
+    }
+
+    /// Counts a registration from `source` (unknown: never limited, as in `oneshot` tests),
+    /// or refuses with 429 past `limits.register_per_minute`.
+    pub(crate) fn allow_registration(&self, source: Option<IpAddr>) -> Result<(), ApiError> {
+        let (Some(ip), Some(limit)) = (source, &self.source_limit) else {
+            return Ok(());
+        };
+        let mut l = limit.lock().unwrap_or_else(PoisonError::into_inner);
+        if l.allow(crate::limit::source_key(ip), Instant::now()) {
+            Ok(())
+        } else {
+            Err(ApiError::too_many(
+                "rate_limited",
+                "too many registrations from this address; try again in a second",
+            ))
         }
     }
 
@@ -223,6 +340,7 @@ impl Modify for SecuritySchemes {
     tags(
         (name = "system", description = "Health, metrics, this document"),
         (name = "enrollment", description = "Enrollment keys (admin)"),
+        (name = "tokens", description = "Admin API tokens (admin)"),
         (name = "nodes", description = "Node management (admin)"),
         (name = "node", description = "Node-facing: registration and netmaps"),
         (name = "audit", description = "Hash-chained audit log"),
@@ -240,6 +358,8 @@ fn routes() -> OpenApiRouter<AppState> {
             admin::list_enrollment_keys
         ))
         .routes(routes!(admin::revoke_enrollment_key))
+        .routes(routes!(admin::create_admin_token, admin::list_admin_tokens))
+        .routes(routes!(admin::revoke_admin_token))
         .routes(routes!(node::register))
         .routes(routes!(node::netmap))
         .routes(routes!(stream::netmap_stream))

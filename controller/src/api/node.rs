@@ -38,7 +38,7 @@ fn validate_register(state: &AppState, req: &RegisterRequest) -> Result<(), ApiE
         ));
     }
     validate_endpoints(&req.endpoints)?;
-    validate_routes(state, &req.routes)
+    validate_routes(state, "routes", &req.routes)
 }
 
 fn validate_endpoints(endpoints: &[Endpoint]) -> Result<(), ApiError> {
@@ -63,17 +63,23 @@ fn validate_endpoints(endpoints: &[Endpoint]) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn validate_routes(state: &AppState, routes: &[IpNet]) -> Result<(), ApiError> {
+/// The checks a route list passes on its own (`field` names it in errors); what it may
+/// overlap is the store's business ([`crate::routes`]).
+pub(super) fn validate_routes(
+    state: &AppState,
+    field: &str,
+    routes: &[IpNet],
+) -> Result<(), ApiError> {
     if routes.len() > MAX_ROUTES {
         return Err(ApiError::unprocessable(format!(
-            "at most {MAX_ROUTES} `routes`"
+            "at most {MAX_ROUTES} `{field}`"
         )));
     }
     let pools = state.store.pools();
     for r in routes {
         if *r != r.trunc() {
             return Err(ApiError::unprocessable(format!(
-                "route {r} has host bits set; did you mean {}?",
+                "`{field}`: route {r} has host bits set; did you mean {}?",
                 r.trunc()
             )));
         }
@@ -83,7 +89,7 @@ fn validate_routes(state: &AppState, routes: &[IpNet]) -> Result<(), ApiError> {
         };
         if overlaps_overlay || r.prefix_len() == 0 {
             return Err(ApiError::unprocessable(format!(
-                "route {r} overlaps the overlay network or is a default route"
+                "`{field}`: route {r} overlaps the overlay network or is a default route"
             )));
         }
     }
@@ -102,7 +108,10 @@ fn validate_routes(state: &AppState, routes: &[IpNet]) -> Result<(), ApiError> {
         (status = 403, description = "enrollment key revoked, expired or used up", body = ErrorBody),
         (status = 409, description = "public key already registered", body = ErrorBody),
         (status = 413, body = ErrorBody),
-        (status = 422, description = "malformed body (bad key, unknown field, ...)", body = ErrorBody),
+        (status = 422, description = "malformed body (bad key, unknown field, ...), or a route \
+            refused (`route_refused`)", body = ErrorBody),
+        (status = 429, description = "too many registrations from this address \
+            (`limits.register_per_minute`)", body = ErrorBody),
     ))]
 pub(super) async fn register(
     State(state): State<AppState>,
@@ -110,6 +119,7 @@ pub(super) async fn register(
     ApiJson(mut req): ApiJson<RegisterRequest>,
 ) -> Result<(StatusCode, Json<RegisterResponse>), ApiError> {
     let result = async {
+        state.allow_registration(seen_from)?;
         validate_register(&state, &req)?;
         req.endpoints = crate::store::stored_endpoints(&req.endpoints);
         let now = state.clock.now();
@@ -197,7 +207,7 @@ pub(super) async fn report_endpoints(
 ) -> Result<StatusCode, ApiError> {
     validate_endpoints(&report.endpoints)?;
     if let Some(routes) = &report.routes {
-        validate_routes(&state, routes)?;
+        validate_routes(&state, "routes", routes)?;
     }
     let changed = state
         .store
@@ -230,6 +240,7 @@ pub(super) async fn report_endpoints(
         (status = 401, body = ErrorBody),
         (status = 403, description = "node revoked or expired", body = ErrorBody),
         (status = 422, body = ErrorBody),
+        (status = 429, description = "more than 10 reports at once, then 1/s", body = ErrorBody),
     ))]
 pub(super) async fn report_status(
     State(state): State<AppState>,
@@ -237,6 +248,7 @@ pub(super) async fn report_status(
     SeenFrom(seen_from): SeenFrom,
     ApiJson(report): ApiJson<StatusReport>,
 ) -> Result<StatusCode, ApiError> {
+    state.allow_status(node.id)?;
     if report.peers.len() > MAX_STATUS_PEERS {
         return Err(ApiError::unprocessable(format!(
             "at most {MAX_STATUS_PEERS} `peers`"

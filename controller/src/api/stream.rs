@@ -65,6 +65,7 @@ pub(super) struct StreamQuery {
             content_type = "text/event-stream"),
         (status = 401, body = ErrorBody),
         (status = 403, description = "node revoked or expired", body = ErrorBody),
+        (status = 429, description = "this node already holds 2 streams", body = ErrorBody),
     ))]
 pub(super) async fn netmap_stream(
     State(state): State<AppState>,
@@ -73,6 +74,9 @@ pub(super) async fn netmap_stream(
     headers: HeaderMap,
     ApiQuery(query): ApiQuery<StreamQuery>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    // Before any work: a credential cannot make the controller recompute netmaps for
+    // unlimited streams.
+    let slot = state.stream_slot(node.id)?;
     let since = query.since.or_else(|| {
         headers
             .get("last-event-id")
@@ -146,7 +150,11 @@ pub(super) async fn netmap_stream(
         state.metrics.streams_open.fetch_sub(1, Ordering::Relaxed);
         tracing::debug!(node = %id, "netmap stream closed");
     });
-    let stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx).map(|o| o.map(Ok)));
+    // The slot lives as long as the response body: freed the moment the client is gone.
+    let stream = futures_util::stream::poll_fn(move |cx| {
+        let _held = &slot;
+        rx.poll_recv(cx).map(|o| o.map(Ok))
+    });
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(KEEPALIVE)))
 }
 

@@ -8,6 +8,7 @@ use axum::response::IntoResponse;
 use axum::{Extension, Json};
 use serde::Serialize;
 
+use super::extract::AdminAuth;
 use super::AppState;
 use crate::error::ApiError;
 
@@ -39,9 +40,20 @@ pub(super) async fn healthz(State(state): State<AppState>) -> Result<Json<Health
 /// `skymesh_node_path_uplink{peer,uplink,kind} 1` (the local uplink carrying traffic to each
 /// peer), `skymesh_node_path_switches_total{peer}`, `skymesh_node_path_rtt_seconds` and
 /// `skymesh_node_path_loss_ratio{peer,uplink,remote}`.
+///
+/// These name nodes, who peers with whom and each unit's carrier address, so an API token is
+/// required (a read-only one suffices: give Prometheus its own, `admin-token create
+/// --read-only`, as `authorization: { credentials: ... }`).
 #[utoipa::path(get, path = "/metrics", tag = "system",
-    responses((status = 200, content_type = "text/plain; version=0.0.4", body = String)))]
-pub(super) async fn metrics(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, content_type = "text/plain; version=0.0.4", body = String),
+        (status = 401, body = crate::error::ErrorBody),
+    ))]
+pub(super) async fn metrics(
+    State(state): State<AppState>,
+    _auth: AdminAuth,
+) -> Result<impl IntoResponse, ApiError> {
     let stats = state.store.stats().await?;
     // Two queries whatever the fleet size: nodes, then every node's last contact.
     let mut seen = state.store.nodes_seen().await?;

@@ -24,10 +24,11 @@ pub use sqlite::{SqliteStore, DB_FILE};
 use crate::audit::{AuditEntry, ChainHead};
 use crate::ipam::Pools;
 use crate::netmap::TopoNode;
+use crate::routes::{RouteError, RouteGuard};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("{0}")]
+    #[error("{0} not found")]
     NotFound(&'static str),
     #[error("unknown enrollment key")]
     InvalidEnrollmentKey,
@@ -43,6 +44,8 @@ pub enum StoreError {
     NodeRevoked,
     #[error("route {0} was not advertised by the node")]
     RouteNotAdvertised(IpNet),
+    #[error(transparent)]
+    RouteRefused(#[from] RouteError),
     #[error("overlay address pool exhausted")]
     PoolExhausted,
     #[error("database: {0}")]
@@ -62,7 +65,7 @@ fn key_mismatch(have: &str, want: &str) -> String {
     )
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Scope {
     Admin,
@@ -76,6 +79,26 @@ impl Scope {
             Scope::ReadOnly => "read_only",
         }
     }
+
+    fn parse(s: &str) -> Result<Self, StoreError> {
+        match s {
+            "admin" => Ok(Scope::Admin),
+            "read_only" => Ok(Scope::ReadOnly),
+            other => Err(rows::corrupt(format!("token scope {other:?}"))),
+        }
+    }
+}
+
+/// An admin API token as listed (the secret is never shown again).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct AdminTokenInfo {
+    pub id: u64,
+    pub scope: Scope,
+    /// Unix seconds.
+    pub created_at: u64,
+    /// Unix seconds after which the token is refused; `null`: never.
+    pub expires_at: Option<u64>,
+    pub revoked_at: Option<u64>,
 }
 
 /// Who made a change, as written to the audit log.
@@ -90,6 +113,7 @@ pub struct NewEnrollmentKey {
     pub expires_at: Option<u64>,
     pub tags: Vec<String>,
     pub auto_approve: bool,
+    pub auto_approve_routes: Vec<IpNet>,
     pub node_ttl_secs: Option<u64>,
 }
 
@@ -98,17 +122,105 @@ pub struct EnrollmentKeyInfo {
     pub id: u64,
     pub description: String,
     pub reusable: bool,
-    /// `null`: unlimited (reusable keys only).
+    /// `null`: unlimited (keys created before the default of 100 uses for reusable keys).
     pub max_uses: Option<u32>,
     pub uses: u32,
     /// Unix seconds.
     pub expires_at: Option<u64>,
     pub tags: Vec<String>,
     pub auto_approve: bool,
+    /// Advertised routes inside one of these prefixes are approved at registration (only
+    /// with `auto_approve`); any other route waits for an admin.
+    #[schema(value_type = Vec<String>)]
+    pub auto_approve_routes: Vec<IpNet>,
     /// Nodes registered with this key expire this many seconds after registering.
     pub node_ttl_secs: Option<u64>,
     pub created_at: u64,
     pub revoked_at: Option<u64>,
+}
+
+impl EnrollmentKeyInfo {
+    /// Refuses a revoked, expired or used-up key.
+    fn check_usable(&self, now: u64) -> Result<(), StoreError> {
+        if self.revoked_at.is_some() {
+            return Err(StoreError::EnrollmentKeyRevoked);
+        }
+        if self.expires_at.is_some_and(|t| now >= t) {
+            return Err(StoreError::EnrollmentKeyExpired);
+        }
+        let limit = if self.reusable {
+            self.max_uses
+        } else {
+            Some(1)
+        };
+        if limit.is_some_and(|m| self.uses >= m) {
+            return Err(StoreError::EnrollmentKeyUsedUp);
+        }
+        Ok(())
+    }
+}
+
+/// A route list as stored: sorted, without duplicates.
+pub(crate) fn normalized_routes(routes: &[IpNet]) -> Vec<IpNet> {
+    let mut routes = routes.to_vec();
+    routes.sort();
+    routes.dedup();
+    routes
+}
+
+/// The audit target of a route change: the node, or the name of one being registered.
+fn route_target(node: Option<NodeId>, name: &str) -> String {
+    node.map_or_else(|| format!("node-name:{name}"), |id| format!("node:{id}"))
+}
+
+/// A node's route change, checked by [`guard_routes`] inside the write transaction.
+pub(crate) struct RouteChange<'a> {
+    /// `None` for a node being registered.
+    pub node: Option<NodeId>,
+    /// The node's endpoints after the change.
+    pub endpoints: &'a [Endpoint],
+    /// The new advertised set and the request field it came from.
+    pub advertised: Option<(&'static str, &'a [IpNet])>,
+    /// The new approved set and the request field it came from.
+    pub approved: Option<(&'static str, &'a [IpNet])>,
+}
+
+/// Checks a route change against every other non-revoked node in `nodes` (see
+/// [`crate::routes`]): advertised routes must stay clear of other nodes' approved routes,
+/// approved ones of their advertised routes too; neither may cover the controller or any
+/// node's endpoint.
+pub(crate) fn guard_routes(
+    guard: &RouteGuard,
+    nodes: &[NodeRecord],
+    change: &RouteChange<'_>,
+) -> Result<(), RouteError> {
+    let others: Vec<&NodeRecord> = nodes
+        .iter()
+        .filter(|n| n.state != NodeState::Revoked && Some(n.id) != change.node)
+        .collect();
+    let endpoints: Vec<std::net::IpAddr> = others
+        .iter()
+        .flat_map(|n| &n.endpoints)
+        .chain(change.endpoints)
+        .map(|e| e.addr.ip())
+        .collect();
+    let approved: Vec<(NodeId, IpNet)> = others
+        .iter()
+        .flat_map(|n| n.approved_routes.iter().map(|r| (n.id, *r)))
+        .collect();
+    if let Some((field, routes)) = change.advertised {
+        crate::routes::check(field, routes, &approved, &endpoints, guard)?;
+    }
+    if let Some((field, routes)) = change.approved {
+        let mut held = approved;
+        held.extend(
+            others
+                .iter()
+                .flat_map(|n| n.advertised_routes.iter().map(|r| (n.id, *r))),
+        );
+        crate::routes::check(field, routes, &held, &endpoints, guard)?;
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
@@ -201,6 +313,8 @@ pub struct StoreOptions {
     /// different one is refused before anything else is written. `None` for offline commands
     /// that sign nothing (`admin-token create`, `audit verify`).
     pub controller_public_key: Option<String>,
+    /// What subnet routes are checked against.
+    pub route_guard: RouteGuard,
 }
 
 /// A persistence backend.
@@ -250,17 +364,38 @@ impl Store {
         delegate!(self, s => s.pools())
     }
 
+    /// Creates a token (expiring at `expires_at` when given); returns its id and secret.
     pub async fn create_admin_token(
         &self,
         actor: &Actor,
         scope: Scope,
+        expires_at: Option<u64>,
         now: u64,
     ) -> Result<(u64, String), StoreError> {
-        delegate!(self, s => s.create_admin_token(actor, scope, now).await)
+        delegate!(self, s => s.create_admin_token(actor, scope, expires_at, now).await)
     }
 
-    pub async fn admin_token(&self, hash: &[u8; 32]) -> Result<Option<(u64, Scope)>, StoreError> {
-        delegate!(self, s => s.admin_token(hash).await)
+    /// The token with this hash, unless revoked or expired at `now`.
+    pub async fn admin_token(
+        &self,
+        hash: &[u8; 32],
+        now: u64,
+    ) -> Result<Option<(u64, Scope)>, StoreError> {
+        delegate!(self, s => s.admin_token(hash, now).await)
+    }
+
+    pub async fn admin_tokens(&self) -> Result<Vec<AdminTokenInfo>, StoreError> {
+        delegate!(self, s => s.admin_tokens().await)
+    }
+
+    /// Revokes a token (idempotent), audited as `admin_token.revoke`.
+    pub async fn revoke_admin_token(
+        &self,
+        actor: &Actor,
+        id: u64,
+        now: u64,
+    ) -> Result<AdminTokenInfo, StoreError> {
+        delegate!(self, s => s.revoke_admin_token(actor, id, now).await)
     }
 
     pub async fn create_enrollment_key(

@@ -7,7 +7,7 @@ use serde::de::DeserializeOwned;
 use skymesh_proto::{NodeId, NodeState};
 use sqlx::{ColumnIndex, Decode, Row, Type};
 
-use crate::store::{EnrollmentKeyInfo, NodeRecord, NodeSeen, StoreError};
+use crate::store::{AdminTokenInfo, EnrollmentKeyInfo, NodeRecord, NodeSeen, Scope, StoreError};
 
 pub(crate) fn corrupt(what: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(what.to_string())
@@ -97,6 +97,25 @@ where
     })
 }
 
+/// An `admin_tokens` row (`id, scope, created_at, expires_at, revoked_at`).
+pub(crate) fn token_from_row<R>(row: &R) -> Result<AdminTokenInfo, StoreError>
+where
+    R: Row,
+    for<'a> &'a str: ColumnIndex<R>,
+    for<'a> String: Decode<'a, R::Database> + Type<R::Database>,
+    for<'a> i64: Decode<'a, R::Database> + Type<R::Database>,
+    for<'a> Option<i64>: Decode<'a, R::Database> + Type<R::Database>,
+{
+    let scope: String = row.try_get("scope")?;
+    Ok(AdminTokenInfo {
+        id: to_u64(row.try_get("id")?)?,
+        scope: Scope::parse(&scope)?,
+        created_at: to_u64(row.try_get("created_at")?)?,
+        expires_at: opt_u64(row.try_get("expires_at")?)?,
+        revoked_at: opt_u64(row.try_get("revoked_at")?)?,
+    })
+}
+
 pub(crate) fn key_from_row<R>(row: &R) -> Result<EnrollmentKeyInfo, StoreError>
 where
     R: Row,
@@ -117,6 +136,7 @@ where
         expires_at: opt_u64(row.try_get("expires_at")?)?,
         tags: json(row, "tags")?,
         auto_approve: row.try_get("auto_approve")?,
+        auto_approve_routes: json(row, "auto_approve_routes")?,
         node_ttl_secs: opt_u64(row.try_get("node_ttl_secs")?)?,
         created_at: to_u64(row.try_get("created_at")?)?,
         revoked_at: opt_u64(row.try_get("revoked_at")?)?,

@@ -101,7 +101,7 @@ impl TestController {
             .expect("open controller");
         let (_, admin) = state
             .store
-            .create_admin_token(&Actor("test".into()), Scope::Admin, T0)
+            .create_admin_token(&Actor("test".into()), Scope::Admin, None, T0)
             .await
             .expect("admin token");
         Self {

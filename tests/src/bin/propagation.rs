@@ -35,12 +35,25 @@ fn free_port() -> anyhow::Result<u16> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let controller = Controller::start(None, &format!("127.0.0.1:{}", free_port()?))?;
+    // Every simulated agent registers and streams from 127.0.0.1: lift the per-source limits.
+    let controller = Controller::start_args(
+        None,
+        &format!("127.0.0.1:{}", free_port()?),
+        None,
+        &[
+            "--register-per-minute",
+            "0",
+            "--max-connections-per-source",
+            "1000000",
+            "--max-connections",
+            "1000000",
+        ],
+    )?;
     let http = reqwest::Client::new();
     let admin = |req: reqwest::RequestBuilder| req.bearer_auth(&controller.admin_token);
     let key: serde_json::Value =
         admin(http.post(format!("{}/api/v1/enrollment-keys", controller.url)))
-            .json(&json!({"reusable": true, "auto_approve": true}))
+            .json(&json!({"reusable": true, "auto_approve": true, "max_uses": args.agents.max(1)}))
             .send()
             .await?
             .error_for_status()?

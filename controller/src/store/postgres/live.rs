@@ -11,8 +11,10 @@ use skymesh_proto::{Endpoint, NodeId, NodeState, StatusReport, WgPublicKey};
 use sqlx::Row as _;
 
 use super::{append_audit, bump_serial, PgStore};
-use crate::store::rows::{seen_from_row, to_i64, to_json, to_u64};
-use crate::store::{stored_endpoints, Actor, NodeRecord, NodeSeen, StoreError};
+use crate::store::rows::{corrupt, seen_from_row, to_i64, to_json, to_u64};
+use crate::store::{
+    guard_routes, stored_endpoints, Actor, NodeRecord, NodeSeen, RouteChange, StoreError,
+};
 
 type Tx = sqlx::Transaction<'static, sqlx::Postgres>;
 
@@ -38,6 +40,10 @@ impl PgStore {
 
     /// Records that the node was heard from `seen_from`; replaces its local endpoints and/or
     /// advertised routes when given. Returns whether the serial was bumped.
+    ///
+    /// A route change is checked against every other node and audited, so it needs the write
+    /// lock, which comes before the node's row lock: the first attempt runs without it and,
+    /// finding the routes changed, rolls back and runs again with it.
     pub async fn report_endpoints(
         &self,
         id: NodeId,
@@ -46,23 +52,71 @@ impl PgStore {
         seen_from: Option<IpAddr>,
         now: u64,
     ) -> Result<bool, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let routes = routes.map(crate::store::normalized_routes);
+        let report = |locked| self.report_endpoints_in(locked, id, local, &routes, seen_from, now);
+        match report(false).await? {
+            Some(changed) => Ok(changed),
+            None => report(true)
+                .await?
+                .ok_or_else(|| corrupt("route change needs the lock it holds")),
+        }
+    }
+
+    /// `None`: the routes changed and `locked` is false.
+    async fn report_endpoints_in(
+        &self,
+        locked: bool,
+        id: NodeId,
+        local: Option<&[Endpoint]>,
+        routes: &Option<Vec<IpNet>>,
+        seen_from: Option<IpAddr>,
+        now: u64,
+    ) -> Result<Option<bool>, StoreError> {
+        let mut tx = if locked {
+            self.begin_write().await?
+        } else {
+            self.pool.begin().await?
+        };
         let mut node = Self::node_in(&mut tx, id).await?;
         Self::touch_in(&mut tx, id, seen_from, now).await?;
         let local = local.map_or_else(|| node.endpoints.clone(), <[Endpoint]>::to_vec);
         let endpoints = stored_endpoints(&local);
         let mut changed = endpoints != node.endpoints;
         node.endpoints = endpoints;
-        if let Some(routes) = routes {
-            let mut routes = routes.to_vec();
-            routes.sort();
-            routes.dedup();
-            if routes != node.advertised_routes {
-                // Approval covers a prefix only while it is still advertised.
-                node.approved_routes.retain(|r| routes.contains(r));
-                node.advertised_routes = routes;
-                changed = true;
+        if let Some(routes) = routes.as_ref().filter(|r| **r != node.advertised_routes) {
+            if !locked {
+                tx.rollback().await?;
+                return Ok(None);
             }
+            let change = RouteChange {
+                node: Some(id),
+                endpoints: &node.endpoints,
+                advertised: Some(("routes", routes)),
+                approved: None,
+            };
+            if let Err(e) = guard_routes(&self.guard, &Self::live_nodes_in(&mut tx).await?, &change)
+            {
+                tx.rollback().await?;
+                let actor = Actor(format!("node:{id}"));
+                return Err(self
+                    .refuse_routes(&actor, Some(id), &node.name, routes, e, now)
+                    .await);
+            }
+            // Approval covers a prefix only while it is still advertised.
+            node.approved_routes.retain(|r| routes.contains(r));
+            append_audit(
+                &mut tx,
+                now,
+                &Actor(format!("node:{id}")),
+                "node.routes_advertise",
+                Some(&format!("node:{id}")),
+                serde_json::json!({
+                    "advertised_routes": routes, "approved_routes": node.approved_routes,
+                }),
+            )
+            .await?;
+            node.advertised_routes.clone_from(routes);
+            changed = true;
         }
         if changed {
             sqlx::query(
@@ -75,10 +129,13 @@ impl PgStore {
             .bind(to_i64(id.0))
             .execute(&mut *tx)
             .await?;
-            bump_serial(&mut tx).await?;
+            // A pending node is in no netmap: its reports must not wake every stream.
+            if node.state != NodeState::Pending {
+                bump_serial(&mut tx).await?;
+            }
         }
         tx.commit().await?;
-        Ok(changed)
+        Ok(Some(changed && node.state != NodeState::Pending))
     }
 
     /// Stores the node's latest status report (replacing the previous one).

@@ -27,12 +27,13 @@ use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
 use sqlx::{Postgres, Row as _, Transaction};
 
 use super::{
-    Actor, EnrollmentKeyInfo, NewEnrollmentKey, NodeAuth, NodePatch, NodeRecord, Scope, Stats,
-    StoreError, StoreOptions,
+    guard_routes, Actor, EnrollmentKeyInfo, NewEnrollmentKey, NodeAuth, NodePatch, NodeRecord,
+    RouteChange, Scope, Stats, StoreError, StoreOptions,
 };
 use crate::audit::{self, AuditEntry, ChainError, ChainHead};
 use crate::ipam::{Allocator, Pools};
 use crate::netmap::TopoNode;
+use crate::routes::RouteGuard;
 use crate::secrets;
 
 mod live;
@@ -51,12 +52,16 @@ pub const CHANGES_CHANNEL: &str = "skymesh_serial";
 const NODE_COLUMNS: &str = "id, name, public_key, ipv4, ipv6, state, tags, endpoints, \
      advertised_routes, approved_routes, enrollment_key_id, created_at, expires_at";
 const KEY_COLUMNS: &str = "id, description, reusable, max_uses, uses, expires_at, tags, \
-     auto_approve, node_ttl_secs, created_at, revoked_at";
+     auto_approve, auto_approve_routes, node_ttl_secs, created_at, revoked_at";
 
 #[derive(Debug, Clone)]
 pub struct PgStore {
     pool: PgPool,
+    /// Enrollment-key checks of unauthenticated registrations (one connection, opened on
+    /// first use): a flood of junk keys queues behind itself, not behind everyone else.
+    probe: PgPool,
     pools: Pools,
+    guard: RouteGuard,
 }
 
 /// Wakes a replica when any replica (itself included) committed a serial bump.
@@ -182,15 +187,21 @@ impl PgStore {
             // One more for the `LISTEN` connection, which a `ChangeFeed` holds for good.
             .max_connections(max_connections.saturating_add(1))
             .acquire_timeout(Duration::from_secs(30))
-            .connect_with(connect)
+            .connect_with(connect.clone())
             .await?;
+        let probe = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_lazy_with(connect);
         MIGRATOR
             .run(&pool)
             .await
             .map_err(|e| StoreError::Db(e.into()))?;
         let store = Self {
             pool,
+            probe,
             pools: opts.pools,
+            guard: opts.route_guard.clone(),
         };
         store.check_settings(opts).await?;
         Ok(store)
@@ -273,17 +284,19 @@ impl PgStore {
         &self,
         actor: &Actor,
         scope: Scope,
+        expires_at: Option<u64>,
         now: u64,
     ) -> Result<(u64, String), StoreError> {
         let (token, hash) = secrets::generate(secrets::ADMIN_TOKEN_PREFIX);
         let mut tx = self.begin_write().await?;
         let id: i64 = sqlx::query_scalar(
-            "INSERT INTO admin_tokens (token_hash, scope, created_at) VALUES ($1, $2, $3) \
-             RETURNING id",
+            "INSERT INTO admin_tokens (token_hash, scope, created_at, expires_at) \
+             VALUES ($1, $2, $3, $4) RETURNING id",
         )
         .bind(&hash[..])
         .bind(scope.as_str())
         .bind(to_i64(now))
+        .bind(expires_at.map(to_i64))
         .fetch_one(&mut *tx)
         .await?;
         append_audit(
@@ -292,29 +305,67 @@ impl PgStore {
             actor,
             "admin_token.create",
             Some(&format!("admin-token:{id}")),
-            serde_json::json!({ "scope": scope.as_str() }),
+            serde_json::json!({ "scope": scope.as_str(), "expires_at": expires_at }),
         )
         .await?;
         tx.commit().await?;
         Ok((to_u64(id)?, token))
     }
 
-    pub async fn admin_token(&self, hash: &[u8; 32]) -> Result<Option<(u64, Scope)>, StoreError> {
+    pub async fn admin_token(
+        &self,
+        hash: &[u8; 32],
+        now: u64,
+    ) -> Result<Option<(u64, Scope)>, StoreError> {
         let row: Option<(i64, String)> = sqlx::query_as(
-            "SELECT id, scope FROM admin_tokens WHERE token_hash = $1 AND revoked_at IS NULL",
+            "SELECT id, scope FROM admin_tokens WHERE token_hash = $1 \
+             AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > $2)",
         )
         .bind(&hash[..])
+        .bind(to_i64(now))
         .fetch_optional(&self.pool)
         .await?;
-        row.map(|(id, scope)| {
-            let scope = match scope.as_str() {
-                "admin" => Scope::Admin,
-                "read_only" => Scope::ReadOnly,
-                other => return Err(corrupt(format!("token scope {other:?}"))),
-            };
-            Ok((to_u64(id)?, scope))
-        })
-        .transpose()
+        row.map(|(id, scope)| Ok((to_u64(id)?, Scope::parse(&scope)?)))
+            .transpose()
+    }
+
+    pub async fn admin_tokens(&self) -> Result<Vec<super::AdminTokenInfo>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, scope, created_at, expires_at, revoked_at FROM admin_tokens ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(rows::token_from_row).collect()
+    }
+
+    pub async fn revoke_admin_token(
+        &self,
+        actor: &Actor,
+        id: u64,
+        now: u64,
+    ) -> Result<super::AdminTokenInfo, StoreError> {
+        let mut tx = self.begin_write().await?;
+        let row = sqlx::query(
+            "UPDATE admin_tokens SET revoked_at = coalesce(revoked_at, $1) WHERE id = $2 \
+             RETURNING id, scope, created_at, expires_at, revoked_at",
+        )
+        .bind(to_i64(now))
+        .bind(to_i64(id))
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or(StoreError::NotFound("admin token"))?;
+        let info = rows::token_from_row(&row)?;
+        append_audit(
+            &mut tx,
+            now,
+            actor,
+            "admin_token.revoke",
+            Some(&format!("admin-token:{id}")),
+            serde_json::json!({}),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(info)
     }
 
     pub async fn create_enrollment_key(
@@ -327,8 +378,8 @@ impl PgStore {
         let mut tx = self.begin_write().await?;
         let row = sqlx::query(&format!(
             "INSERT INTO enrollment_keys (key_hash, description, reusable, max_uses, expires_at, \
-             tags, auto_approve, node_ttl_secs, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING {KEY_COLUMNS}"
+             tags, auto_approve, auto_approve_routes, node_ttl_secs, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING {KEY_COLUMNS}"
         ))
         .bind(&hash[..])
         .bind(&key.description)
@@ -337,6 +388,7 @@ impl PgStore {
         .bind(key.expires_at.map(to_i64))
         .bind(to_json(&key.tags)?)
         .bind(key.auto_approve)
+        .bind(to_json(&key.auto_approve_routes)?)
         .bind(key.node_ttl_secs.map(to_i64))
         .bind(to_i64(now))
         .fetch_one(&mut *tx)
@@ -351,7 +403,9 @@ impl PgStore {
             serde_json::json!({
                 "reusable": info.reusable, "max_uses": info.max_uses,
                 "expires_at": info.expires_at, "tags": info.tags,
-                "auto_approve": info.auto_approve, "node_ttl_secs": info.node_ttl_secs,
+                "auto_approve": info.auto_approve,
+                "auto_approve_routes": info.auto_approve_routes,
+                "node_ttl_secs": info.node_ttl_secs,
             }),
         )
         .await?;
@@ -404,26 +458,14 @@ impl PgStore {
         now: u64,
     ) -> Result<(NodeRecord, String), StoreError> {
         let key_hash = secrets::hash(&req.enrollment_key);
+        // A junk or dead key is refused before the write lock is taken.
+        Self::enrollment_key(&self.probe, &key_hash)
+            .await?
+            .check_usable(now)?;
         let mut tx = self.begin_write().await?;
-
-        let key_row = sqlx::query(&format!(
-            "SELECT {KEY_COLUMNS} FROM enrollment_keys WHERE key_hash = $1"
-        ))
-        .bind(&key_hash[..])
-        .fetch_optional(&mut *tx)
-        .await?
-        .ok_or(StoreError::InvalidEnrollmentKey)?;
-        let key = key_from_row(&key_row)?;
-        if key.revoked_at.is_some() {
-            return Err(StoreError::EnrollmentKeyRevoked);
-        }
-        if key.expires_at.is_some_and(|t| now >= t) {
-            return Err(StoreError::EnrollmentKeyExpired);
-        }
-        let limit = if key.reusable { key.max_uses } else { Some(1) };
-        if limit.is_some_and(|m| key.uses >= m) {
-            return Err(StoreError::EnrollmentKeyUsedUp);
-        }
+        // Again under the lock, where uses are counted.
+        let key = Self::enrollment_key(&mut *tx, &key_hash).await?;
+        key.check_usable(now)?;
 
         let public_key = req.public_key.to_string();
         let taken: Option<i64> = sqlx::query_scalar("SELECT id FROM nodes WHERE public_key = $1")
@@ -432,6 +474,29 @@ impl PgStore {
             .await?;
         if taken.is_some() {
             return Err(StoreError::DuplicatePublicKey);
+        }
+
+        let routes = super::normalized_routes(&req.routes);
+        let approved_routes = if key.auto_approve {
+            crate::routes::auto_approved(&routes, &key.auto_approve_routes)
+        } else {
+            Vec::new()
+        };
+        if !routes.is_empty() {
+            let change = RouteChange {
+                node: None,
+                endpoints: &req.endpoints,
+                advertised: Some(("routes", &routes)),
+                approved: Some(("routes", &approved_routes)),
+            };
+            if let Err(e) = guard_routes(&self.guard, &Self::live_nodes_in(&mut tx).await?, &change)
+            {
+                tx.rollback().await?;
+                let actor = Actor(format!("enrollment-key:{}", key.id));
+                return Err(self
+                    .refuse_routes(&actor, None, &req.name, &routes, e, now)
+                    .await);
+            }
         }
 
         let next: i64 =
@@ -459,9 +524,6 @@ impl PgStore {
             NodeState::Pending
         };
         let expires_at = key.node_ttl_secs.map(|ttl| now.saturating_add(ttl));
-        let mut routes = req.routes.clone();
-        routes.sort();
-        routes.dedup();
         let row = sqlx::query(&format!(
             "INSERT INTO nodes (name, public_key, ipv4, ipv6, state, tags, endpoints, \
              advertised_routes, approved_routes, credential_hash, enrollment_key_id, created_at, \
@@ -476,12 +538,7 @@ impl PgStore {
         .bind(to_json(&tags)?)
         .bind(to_json(&req.endpoints)?)
         .bind(to_json(&routes)?)
-        // An auto-approving enrollment key approves the node's advertised routes too.
-        .bind(to_json(&if key.auto_approve {
-            routes.clone()
-        } else {
-            Vec::new()
-        })?)
+        .bind(to_json(&approved_routes)?)
         .bind(&credential_hash[..])
         .bind(to_i64(key.id))
         .bind(to_i64(now))
@@ -520,6 +577,8 @@ impl PgStore {
             serde_json::json!({
                 "name": node.name, "public_key": public_key, "state": state_str(state)?,
                 "ipv4": ipv4.to_string(), "ipv6": ipv6.to_string(), "tags": node.tags,
+                "advertised_routes": node.advertised_routes,
+                "approved_routes": node.approved_routes,
             }),
         )
         .await?;
@@ -562,6 +621,64 @@ impl PgStore {
             .await?
             .ok_or(StoreError::NotFound("node"))?;
         node_from_row(&row)
+    }
+
+    async fn enrollment_key<'e>(
+        db: impl sqlx::Executor<'e, Database = Postgres>,
+        hash: &[u8; 32],
+    ) -> Result<EnrollmentKeyInfo, StoreError> {
+        let row = sqlx::query(&format!(
+            "SELECT {KEY_COLUMNS} FROM enrollment_keys WHERE key_hash = $1"
+        ))
+        .bind(&hash[..])
+        .fetch_optional(db)
+        .await?
+        .ok_or(StoreError::InvalidEnrollmentKey)?;
+        key_from_row(&row)
+    }
+
+    /// Every node that is not revoked (what routes are checked against); the caller holds
+    /// the write lock, so no route changes meanwhile.
+    async fn live_nodes_in(
+        tx: &mut Transaction<'_, Postgres>,
+    ) -> Result<Vec<NodeRecord>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {NODE_COLUMNS} FROM nodes WHERE state <> 'revoked'"
+        ))
+        .fetch_all(&mut **tx)
+        .await?;
+        rows.iter().map(node_from_row).collect()
+    }
+
+    /// Audits a refused route change (in its own transaction: the change itself rolled back)
+    /// and returns the refusal.
+    async fn refuse_routes(
+        &self,
+        actor: &Actor,
+        node: Option<NodeId>,
+        name: &str,
+        routes: &[ipnet::IpNet],
+        refusal: crate::routes::RouteError,
+        now: u64,
+    ) -> StoreError {
+        let audited = async {
+            let mut tx = self.begin_write().await?;
+            append_audit(
+                &mut tx,
+                now,
+                actor,
+                "node.routes_refused",
+                Some(&super::route_target(node, name)),
+                serde_json::json!({ "routes": routes, "reason": refusal.to_string() }),
+            )
+            .await?;
+            tx.commit().await?;
+            Ok::<_, StoreError>(())
+        };
+        match audited.await {
+            Ok(()) => refusal.into(),
+            Err(e) => e,
+        }
     }
 
     /// The node, row-locked until the transaction ends (writers read-modify-write it).
@@ -611,10 +728,21 @@ impl PgStore {
             if let Some(r) = routes.iter().find(|r| !node.advertised_routes.contains(r)) {
                 return Err(StoreError::RouteNotAdvertised(*r));
             }
-            let mut routes = routes.clone();
-            routes.sort();
-            routes.dedup();
-            detail.insert("approved_routes".into(), to_json(&routes)?.into());
+            let routes = super::normalized_routes(routes);
+            let change = RouteChange {
+                node: Some(id),
+                endpoints: &node.endpoints,
+                advertised: None,
+                approved: Some(("approved_routes", &routes)),
+            };
+            if let Err(e) = guard_routes(&self.guard, &Self::live_nodes_in(&mut tx).await?, &change)
+            {
+                tx.rollback().await?;
+                return Err(self
+                    .refuse_routes(actor, Some(id), &node.name, &routes, e, now)
+                    .await);
+            }
+            detail.insert("approved_routes".into(), serde_json::json!(routes));
             node.approved_routes = routes;
         }
         if let Some(expires_at) = patch.expires_at {
@@ -854,6 +982,7 @@ impl PgStore {
     }
 
     pub async fn close(&self) {
+        self.probe.close().await;
         self.pool.close().await;
     }
 }

@@ -14,7 +14,7 @@ use sqlx::Row as _;
 
 use super::{append_audit, bump_serial, SqliteStore};
 use crate::store::rows::{seen_from_row, to_i64, to_json, to_u64};
-use crate::store::{Actor, NodeRecord, NodeSeen, StoreError};
+use crate::store::{guard_routes, Actor, NodeRecord, NodeSeen, RouteChange, StoreError};
 
 /// The endpoints to store: what the node announced. Entries named `reflexive` are dropped:
 /// older controllers derived one from the API connection's source address, which is no UDP
@@ -65,16 +65,38 @@ impl SqliteStore {
         let endpoints = stored_endpoints(&local);
         let mut changed = endpoints != node.endpoints;
         node.endpoints = endpoints;
-        if let Some(routes) = routes {
-            let mut routes = routes.to_vec();
-            routes.sort();
-            routes.dedup();
-            if routes != node.advertised_routes {
-                // Approval covers a prefix only while it is still advertised.
-                node.approved_routes.retain(|r| routes.contains(r));
-                node.advertised_routes = routes;
-                changed = true;
+        let routes = routes.map(crate::store::normalized_routes);
+        let new_routes = routes.filter(|r| *r != node.advertised_routes);
+        if let Some(routes) = new_routes {
+            let change = RouteChange {
+                node: Some(id),
+                endpoints: &node.endpoints,
+                advertised: Some(("routes", &routes)),
+                approved: None,
+            };
+            if let Err(e) = guard_routes(&self.guard, &Self::live_nodes_in(&mut tx).await?, &change)
+            {
+                tx.rollback().await?;
+                let actor = Actor(format!("node:{id}"));
+                return Err(self
+                    .refuse_routes(&actor, Some(id), &node.name, &routes, e, now)
+                    .await);
             }
+            // Approval covers a prefix only while it is still advertised.
+            node.approved_routes.retain(|r| routes.contains(r));
+            append_audit(
+                &mut tx,
+                now,
+                &Actor(format!("node:{id}")),
+                "node.routes_advertise",
+                Some(&format!("node:{id}")),
+                serde_json::json!({
+                    "advertised_routes": routes, "approved_routes": node.approved_routes,
+                }),
+            )
+            .await?;
+            node.advertised_routes = routes;
+            changed = true;
         }
         if changed {
             sqlx::query(
@@ -87,10 +109,13 @@ impl SqliteStore {
             .bind(to_i64(id.0))
             .execute(&mut *tx)
             .await?;
-            bump_serial(&mut tx).await?;
+            // A pending node is in no netmap: its reports must not wake every stream.
+            if node.state != NodeState::Pending {
+                bump_serial(&mut tx).await?;
+            }
         }
         tx.commit().await?;
-        Ok(changed)
+        Ok(changed && node.state != NodeState::Pending)
     }
 
     /// Stores the node's latest status report (replacing the previous one).

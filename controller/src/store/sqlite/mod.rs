@@ -22,12 +22,13 @@ use sqlx::sqlite::{
 use sqlx::{Row as _, Sqlite, Transaction};
 
 use super::{
-    Actor, EnrollmentKeyInfo, NewEnrollmentKey, NodeAuth, NodePatch, NodeRecord, Scope, Stats,
-    StoreError, StoreOptions,
+    guard_routes, Actor, EnrollmentKeyInfo, NewEnrollmentKey, NodeAuth, NodePatch, NodeRecord,
+    RouteChange, Scope, Stats, StoreError, StoreOptions,
 };
 use crate::audit::{self, AuditEntry, ChainError, ChainHead};
 use crate::ipam::{Allocator, Pools};
 use crate::netmap::TopoNode;
+use crate::routes::RouteGuard;
 use crate::secrets;
 
 mod live;
@@ -44,13 +45,17 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 const NODE_COLUMNS: &str = "id, name, public_key, ipv4, ipv6, state, tags, endpoints, \
      advertised_routes, approved_routes, enrollment_key_id, created_at, expires_at";
 const KEY_COLUMNS: &str = "id, description, reusable, max_uses, uses, expires_at, tags, \
-     auto_approve, node_ttl_secs, created_at, revoked_at";
+     auto_approve, auto_approve_routes, node_ttl_secs, created_at, revoked_at";
 
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     read: SqlitePool,
+    /// Enrollment-key checks of unauthenticated registrations: a pool of their own, so a
+    /// flood of junk keys queues behind itself, not behind nodes' and admins' reads.
+    probe: SqlitePool,
     write: SqlitePool,
     pools: Pools,
+    guard: RouteGuard,
 }
 
 async fn bump_serial(tx: &mut Transaction<'_, Sqlite>) -> Result<u64, StoreError> {
@@ -125,12 +130,18 @@ impl SqliteStore {
             .map_err(|e| StoreError::Db(e.into()))?;
         let read = SqlitePoolOptions::new()
             .max_connections(4)
+            .connect_with(connect.clone())
+            .await?;
+        let probe = SqlitePoolOptions::new()
+            .max_connections(1)
             .connect_with(connect)
             .await?;
         let store = Self {
             read,
+            probe,
             write,
             pools: opts.pools,
+            guard: opts.route_guard.clone(),
         };
         store.check_settings(opts).await?;
         Ok(store)
@@ -212,16 +223,19 @@ impl SqliteStore {
         &self,
         actor: &Actor,
         scope: Scope,
+        expires_at: Option<u64>,
         now: u64,
     ) -> Result<(u64, String), StoreError> {
         let (token, hash) = secrets::generate(secrets::ADMIN_TOKEN_PREFIX);
         let mut tx = self.write.begin_with("BEGIN IMMEDIATE").await?;
         let id: i64 = sqlx::query_scalar(
-            "INSERT INTO admin_tokens (token_hash, scope, created_at) VALUES (?, ?, ?) RETURNING id",
+            "INSERT INTO admin_tokens (token_hash, scope, created_at, expires_at) \
+             VALUES (?, ?, ?, ?) RETURNING id",
         )
         .bind(&hash[..])
         .bind(scope.as_str())
         .bind(to_i64(now))
+        .bind(expires_at.map(to_i64))
         .fetch_one(&mut *tx)
         .await?;
         append_audit(
@@ -230,29 +244,67 @@ impl SqliteStore {
             actor,
             "admin_token.create",
             Some(&format!("admin-token:{id}")),
-            serde_json::json!({ "scope": scope.as_str() }),
+            serde_json::json!({ "scope": scope.as_str(), "expires_at": expires_at }),
         )
         .await?;
         tx.commit().await?;
         Ok((to_u64(id)?, token))
     }
 
-    pub async fn admin_token(&self, hash: &[u8; 32]) -> Result<Option<(u64, Scope)>, StoreError> {
+    pub async fn admin_token(
+        &self,
+        hash: &[u8; 32],
+        now: u64,
+    ) -> Result<Option<(u64, Scope)>, StoreError> {
         let row: Option<(i64, String)> = sqlx::query_as(
-            "SELECT id, scope FROM admin_tokens WHERE token_hash = ? AND revoked_at IS NULL",
+            "SELECT id, scope FROM admin_tokens WHERE token_hash = ? \
+             AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > ?)",
         )
         .bind(&hash[..])
+        .bind(to_i64(now))
         .fetch_optional(&self.read)
         .await?;
-        row.map(|(id, scope)| {
-            let scope = match scope.as_str() {
-                "admin" => Scope::Admin,
-                "read_only" => Scope::ReadOnly,
-                other => return Err(corrupt(format!("token scope {other:?}"))),
-            };
-            Ok((to_u64(id)?, scope))
-        })
-        .transpose()
+        row.map(|(id, scope)| Ok((to_u64(id)?, Scope::parse(&scope)?)))
+            .transpose()
+    }
+
+    pub async fn admin_tokens(&self) -> Result<Vec<super::AdminTokenInfo>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, scope, created_at, expires_at, revoked_at FROM admin_tokens ORDER BY id",
+        )
+        .fetch_all(&self.read)
+        .await?;
+        rows.iter().map(rows::token_from_row).collect()
+    }
+
+    pub async fn revoke_admin_token(
+        &self,
+        actor: &Actor,
+        id: u64,
+        now: u64,
+    ) -> Result<super::AdminTokenInfo, StoreError> {
+        let mut tx = self.write.begin_with("BEGIN IMMEDIATE").await?;
+        let row = sqlx::query(
+            "UPDATE admin_tokens SET revoked_at = coalesce(revoked_at, ?) WHERE id = ? \
+             RETURNING id, scope, created_at, expires_at, revoked_at",
+        )
+        .bind(to_i64(now))
+        .bind(to_i64(id))
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or(StoreError::NotFound("admin token"))?;
+        let info = rows::token_from_row(&row)?;
+        append_audit(
+            &mut tx,
+            now,
+            actor,
+            "admin_token.revoke",
+            Some(&format!("admin-token:{id}")),
+            serde_json::json!({}),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(info)
     }
 
     pub async fn create_enrollment_key(
@@ -265,8 +317,8 @@ impl SqliteStore {
         let mut tx = self.write.begin_with("BEGIN IMMEDIATE").await?;
         let row = sqlx::query(&format!(
             "INSERT INTO enrollment_keys (key_hash, description, reusable, max_uses, expires_at, \
-             tags, auto_approve, node_ttl_secs, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) \
-             RETURNING {KEY_COLUMNS}"
+             tags, auto_approve, auto_approve_routes, node_ttl_secs, created_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING {KEY_COLUMNS}"
         ))
         .bind(&hash[..])
         .bind(&key.description)
@@ -275,6 +327,7 @@ impl SqliteStore {
         .bind(key.expires_at.map(to_i64))
         .bind(to_json(&key.tags)?)
         .bind(key.auto_approve)
+        .bind(to_json(&key.auto_approve_routes)?)
         .bind(key.node_ttl_secs.map(to_i64))
         .bind(to_i64(now))
         .fetch_one(&mut *tx)
@@ -289,7 +342,9 @@ impl SqliteStore {
             serde_json::json!({
                 "reusable": info.reusable, "max_uses": info.max_uses,
                 "expires_at": info.expires_at, "tags": info.tags,
-                "auto_approve": info.auto_approve, "node_ttl_secs": info.node_ttl_secs,
+                "auto_approve": info.auto_approve,
+                "auto_approve_routes": info.auto_approve_routes,
+                "node_ttl_secs": info.node_ttl_secs,
             }),
         )
         .await?;
@@ -342,26 +397,14 @@ impl SqliteStore {
         now: u64,
     ) -> Result<(NodeRecord, String), StoreError> {
         let key_hash = secrets::hash(&req.enrollment_key);
+        // A junk or dead key is refused from the read pool: it never takes the write lock.
+        Self::enrollment_key(&self.probe, &key_hash)
+            .await?
+            .check_usable(now)?;
         let mut tx = self.write.begin_with("BEGIN IMMEDIATE").await?;
-
-        let key_row = sqlx::query(&format!(
-            "SELECT {KEY_COLUMNS} FROM enrollment_keys WHERE key_hash = ?"
-        ))
-        .bind(&key_hash[..])
-        .fetch_optional(&mut *tx)
-        .await?
-        .ok_or(StoreError::InvalidEnrollmentKey)?;
-        let key = key_from_row(&key_row)?;
-        if key.revoked_at.is_some() {
-            return Err(StoreError::EnrollmentKeyRevoked);
-        }
-        if key.expires_at.is_some_and(|t| now >= t) {
-            return Err(StoreError::EnrollmentKeyExpired);
-        }
-        let limit = if key.reusable { key.max_uses } else { Some(1) };
-        if limit.is_some_and(|m| key.uses >= m) {
-            return Err(StoreError::EnrollmentKeyUsedUp);
-        }
+        // Again under the lock, where uses are counted.
+        let key = Self::enrollment_key(&mut *tx, &key_hash).await?;
+        key.check_usable(now)?;
 
         let public_key = req.public_key.to_string();
         let taken: Option<i64> = sqlx::query_scalar("SELECT id FROM nodes WHERE public_key = ?")
@@ -370,6 +413,29 @@ impl SqliteStore {
             .await?;
         if taken.is_some() {
             return Err(StoreError::DuplicatePublicKey);
+        }
+
+        let routes = super::normalized_routes(&req.routes);
+        let approved_routes = if key.auto_approve {
+            crate::routes::auto_approved(&routes, &key.auto_approve_routes)
+        } else {
+            Vec::new()
+        };
+        if !routes.is_empty() {
+            let change = RouteChange {
+                node: None,
+                endpoints: &req.endpoints,
+                advertised: Some(("routes", &routes)),
+                approved: Some(("routes", &approved_routes)),
+            };
+            if let Err(e) = guard_routes(&self.guard, &Self::live_nodes_in(&mut tx).await?, &change)
+            {
+                tx.rollback().await?;
+                let actor = Actor(format!("enrollment-key:{}", key.id));
+                return Err(self
+                    .refuse_routes(&actor, None, &req.name, &routes, e, now)
+                    .await);
+            }
         }
 
         let next: i64 = sqlx::query_scalar("SELECT value FROM counters WHERE name = 'ipam_next'")
@@ -396,9 +462,6 @@ impl SqliteStore {
             NodeState::Pending
         };
         let expires_at = key.node_ttl_secs.map(|ttl| now.saturating_add(ttl));
-        let mut routes = req.routes.clone();
-        routes.sort();
-        routes.dedup();
         let row = sqlx::query(&format!(
             "INSERT INTO nodes (name, public_key, ipv4, ipv6, state, tags, endpoints, \
              advertised_routes, approved_routes, credential_hash, enrollment_key_id, created_at, \
@@ -412,12 +475,7 @@ impl SqliteStore {
         .bind(to_json(&tags)?)
         .bind(to_json(&req.endpoints)?)
         .bind(to_json(&routes)?)
-        // An auto-approving enrollment key approves the node's advertised routes too.
-        .bind(to_json(&if key.auto_approve {
-            routes.clone()
-        } else {
-            Vec::new()
-        })?)
+        .bind(to_json(&approved_routes)?)
         .bind(&credential_hash[..])
         .bind(to_i64(key.id))
         .bind(to_i64(now))
@@ -455,6 +513,8 @@ impl SqliteStore {
             serde_json::json!({
                 "name": node.name, "public_key": public_key, "state": state_str(state)?,
                 "ipv4": ipv4.to_string(), "ipv6": ipv6.to_string(), "tags": node.tags,
+                "advertised_routes": node.advertised_routes,
+                "approved_routes": node.approved_routes,
             }),
         )
         .await?;
@@ -497,6 +557,63 @@ impl SqliteStore {
             .await?
             .ok_or(StoreError::NotFound("node"))?;
         node_from_row(&row)
+    }
+
+    async fn enrollment_key<'e>(
+        db: impl sqlx::Executor<'e, Database = Sqlite>,
+        hash: &[u8; 32],
+    ) -> Result<EnrollmentKeyInfo, StoreError> {
+        let row = sqlx::query(&format!(
+            "SELECT {KEY_COLUMNS} FROM enrollment_keys WHERE key_hash = ?"
+        ))
+        .bind(&hash[..])
+        .fetch_optional(db)
+        .await?
+        .ok_or(StoreError::InvalidEnrollmentKey)?;
+        key_from_row(&row)
+    }
+
+    /// Every node that is not revoked (what routes are checked against).
+    async fn live_nodes_in(
+        tx: &mut Transaction<'_, Sqlite>,
+    ) -> Result<Vec<NodeRecord>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {NODE_COLUMNS} FROM nodes WHERE state != 'revoked'"
+        ))
+        .fetch_all(&mut **tx)
+        .await?;
+        rows.iter().map(node_from_row).collect()
+    }
+
+    /// Audits a refused route change (in its own transaction: the change itself rolled back)
+    /// and returns the refusal.
+    async fn refuse_routes(
+        &self,
+        actor: &Actor,
+        node: Option<NodeId>,
+        name: &str,
+        routes: &[ipnet::IpNet],
+        refusal: crate::routes::RouteError,
+        now: u64,
+    ) -> StoreError {
+        let audited = async {
+            let mut tx = self.write.begin_with("BEGIN IMMEDIATE").await?;
+            append_audit(
+                &mut tx,
+                now,
+                actor,
+                "node.routes_refused",
+                Some(&super::route_target(node, name)),
+                serde_json::json!({ "routes": routes, "reason": refusal.to_string() }),
+            )
+            .await?;
+            tx.commit().await?;
+            Ok::<_, StoreError>(())
+        };
+        match audited.await {
+            Ok(()) => refusal.into(),
+            Err(e) => e,
+        }
     }
 
     async fn node_in(
@@ -543,10 +660,21 @@ impl SqliteStore {
             if let Some(r) = routes.iter().find(|r| !node.advertised_routes.contains(r)) {
                 return Err(StoreError::RouteNotAdvertised(*r));
             }
-            let mut routes = routes.clone();
-            routes.sort();
-            routes.dedup();
-            detail.insert("approved_routes".into(), to_json(&routes)?.into());
+            let routes = super::normalized_routes(routes);
+            let change = RouteChange {
+                node: Some(id),
+                endpoints: &node.endpoints,
+                advertised: None,
+                approved: Some(("approved_routes", &routes)),
+            };
+            if let Err(e) = guard_routes(&self.guard, &Self::live_nodes_in(&mut tx).await?, &change)
+            {
+                tx.rollback().await?;
+                return Err(self
+                    .refuse_routes(actor, Some(id), &node.name, &routes, e, now)
+                    .await);
+            }
+            detail.insert("approved_routes".into(), serde_json::json!(routes));
             node.approved_routes = routes;
         }
         if let Some(expires_at) = patch.expires_at {
@@ -783,6 +911,7 @@ impl SqliteStore {
     }
 
     pub async fn close(&self) {
+        self.probe.close().await;
         self.read.close().await;
         self.write.close().await;
     }
@@ -803,6 +932,7 @@ mod tests {
             },
             policy_fingerprint: String::new(),
             controller_public_key: None,
+            route_guard: RouteGuard::default(),
         };
         let store = SqliteStore::open(dir.path(), &opts).await.expect("open");
         for pool in [&store.write, &store.read] {
