@@ -107,6 +107,8 @@ fn start(data: &Path) -> Server {
             "127.0.0.1:0",
             "--stun-port",
             "0",
+            "--relay-port",
+            "0",
             "--data-dir",
         ])
         .arg(data)
