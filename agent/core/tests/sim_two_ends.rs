@@ -84,6 +84,8 @@ fn config(uplinks: &[(&str, UplinkKind, u8)]) -> skymesh_agent_core::path::Valid
                 kind,
                 priority,
                 probe: ProbeSettings::default(),
+                metered: false,
+                probe_budget_bytes_per_hour: None,
             })
             .collect(),
         failover: Default::default(),

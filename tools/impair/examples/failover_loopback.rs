@@ -145,6 +145,8 @@ fn main() -> ExitCode {
                 kind: UplinkKind::Satellite,
                 priority: 0,
                 probe: ProbeSettings::default(),
+                metered: false,
+                probe_budget_bytes_per_hour: None,
             },
             UplinkConfig {
                 name: "fibre".into(),
@@ -153,6 +155,8 @@ fn main() -> ExitCode {
                 kind: UplinkKind::Terrestrial,
                 priority: 1,
                 probe: ProbeSettings::default(),
+                metered: false,
+                probe_budget_bytes_per_hour: None,
             },
         ],
         failover: FailoverSettings {
