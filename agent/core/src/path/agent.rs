@@ -1,5 +1,7 @@
 //! [`PathAgent`]: path selection towards one remote peer.
 
+mod notice;
+
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
@@ -7,10 +9,10 @@ use super::config::{FailoverTiming, ProbeTiming, ValidPathConfig};
 use super::probe::NonceSource;
 use super::state::{Health, Outstanding, PathState, STREAK_RESTARTS_HOLD};
 use super::{
-    LinkState, NoticeCause, NoticeRejected, NoticeTransmit, PathEvent, PathHealth, PathId,
-    PathNotice, PathStats, ProbeId, ProbeTransmit, RemoteEndpoint, Role, SwitchReason,
-    SwitchRecord, UnmatchedReply, UplinkId,
+    LinkState, NoticeTransmit, PathEvent, PathHealth, PathId, PathStats, ProbeId, ProbeTransmit,
+    RemoteEndpoint, Role, SwitchReason, SwitchRecord, UnmatchedReply, UplinkId,
 };
+use notice::NoticeSender;
 
 /// While no path is proven, every path is probed at its fast cadence for this long, then at its
 /// backup cadence: finds a working path within one RTT after an outage, without spending five
@@ -44,10 +46,6 @@ pub const PROBE_WIRE_BYTES: u64 = 128;
 /// least every ten minutes.
 const MAX_PACE: Duration = Duration::from_secs(600);
 
-/// Copies of each path notice: the first at once, the second a fast interval later on the
-/// then active path, in case the first was lost (the receiver acts on one of them).
-const NOTICE_COPIES: u8 = 2;
-
 #[derive(Debug, Clone, Copy)]
 struct UplinkState {
     up: bool,
@@ -56,15 +54,6 @@ struct UplinkState {
     family_v6: Option<bool>,
     priority: u8,
     probe: ProbeTiming,
-}
-
-/// Sequence numbers of the notices this end sends, and the copy still to send.
-#[derive(Debug, Clone, Copy)]
-struct NoticeSender {
-    epoch: u32,
-    counter: u32,
-    /// The last notice, when to send its next copy, and how many copies are left.
-    repeat: Option<(PathNotice, Instant, u8)>,
 }
 
 /// Ranking of a path; lower is better. Derived `Ord` compares fields in order: operator tier
@@ -140,11 +129,7 @@ impl PathAgent {
             last_now: now,
             role: Role::Chooser,
             notices: VecDeque::new(),
-            notice_out: NoticeSender {
-                epoch,
-                counter: 0,
-                repeat: None,
-            },
+            notice_out: NoticeSender::new(epoch),
             notice_in: None,
         };
         agent.set_remote_endpoints(remotes, now);
@@ -372,88 +357,17 @@ impl PathAgent {
         }
     }
 
-    /// A path notice from the peer (decrypted by WireGuard, see the module documentation)
-    /// arrived on `path`: the peer left the path the pair was on. This end moves to `path` at
-    /// once, whatever its role; if the peer left because of a link-down or distress, the paths
-    /// that shared the failed path's remote endpoint (and, for distress, its local uplink) are
-    /// marked failed, so traffic does not fail back to them before they are proven again.
-    /// Stale notices (not newer than the last one acted on) change nothing.
-    pub fn handle_path_notice(
-        &mut self,
-        path: PathId,
-        notice: PathNotice,
-        now: Instant,
-    ) -> Result<(), NoticeRejected> {
-        let Some(i) = self.index(path) else {
-            return Err(NoticeRejected::UnknownPath);
-        };
-        if !self.uplink_of(i).up {
-            return Err(NoticeRejected::LinkDown);
-        }
-        if let Some(last) = self.notice_in {
-            let same_epoch = last >> 32 == notice.seq >> 32;
-            if same_epoch && notice.seq & 0xffff_ffff <= last & 0xffff_ffff {
-                return Err(NoticeRejected::Stale);
-            }
-        }
-        self.notice_in = Some(notice.seq);
-        self.handle_authenticated_rx(path, now);
-        if let Some(a) = self.active.filter(|&a| a != i) {
-            let dead = self.paths[a].id;
-            for (j, p) in self.paths.iter_mut().enumerate() {
-                let suspect = match notice.cause {
-                    NoticeCause::LinkDown => p.id.remote == dead.remote,
-                    NoticeCause::Distress => {
-                        p.id.remote == dead.remote || p.id.uplink == dead.uplink
-                    }
-                    NoticeCause::Choice => false,
-                };
-                if j != i && suspect && !matches!(p.health, Health::Failed { .. }) {
-                    p.health = Health::Failed { at: now };
-                    p.better_since = None;
-                }
-            }
-        }
-        let p = &mut self.paths[i];
-        if matches!(p.health, Health::Failed { .. }) {
-            // The peer just proved this path (it only moves to proven paths); give it its
-            // chance instead of leaving it at once.
-            p.health = Health::Unproven;
-            p.clear_unanswered();
-        }
-        self.switch(Some(i), SwitchReason::PeerNotice, now);
-        self.evaluate(now);
-        Ok(())
-    }
-
     /// Timers: distress deadlines, probe cadence, fail-back hold times, notice copies.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.evaluate(now);
         self.send_due_probes(now);
         // Sending may start a search cadence for other paths; nothing else changes here.
-        if let Some((notice, at, left)) = self.notice_out.repeat {
-            if at <= now {
-                self.notice_out.repeat = None;
-                if let Some(a) = self.active {
-                    let path = self.paths[a].id;
-                    self.notices.push_back(NoticeTransmit { path, notice });
-                    if left > 1 {
-                        let fast = self.uplink_of(a).probe.fast_interval;
-                        self.notice_out.repeat = Some((notice, now + fast, left - 1));
-                    }
-                }
-            }
-        }
+        self.repeat_notice(now);
     }
 
     /// Next probe to send. The driver wraps it as described in the module documentation.
     pub fn poll_transmit(&mut self) -> Option<ProbeTransmit> {
         self.transmits.pop_front()
-    }
-
-    /// Next path notice to send, like a probe, on its path (see [`NoticeTransmit`]).
-    pub fn poll_notice(&mut self) -> Option<NoticeTransmit> {
-        self.notices.pop_front()
     }
 
     /// Next path change to apply (set the WireGuard endpoint / uplink socket for the peer).
@@ -480,7 +394,7 @@ impl PathAgent {
             // own deadline is in the future (see `consider_upgrade`).
             consider(self.upgrade_deadline(i).filter(|&t| t > self.last_now));
         }
-        consider(self.notice_out.repeat.map(|(_, at, _)| at));
+        consider(self.notice_out.repeat_at());
         next
     }
 
@@ -883,46 +797,15 @@ impl PathAgent {
             self.send_notice(path, cause, now);
         }
     }
-
-    /// Whether a switch for `reason` is announced to the peer, and as what. A move that
-    /// follows the peer is never announced back; upgrades are the chooser's alone.
-    fn notice_cause(&self, reason: SwitchReason) -> Option<NoticeCause> {
-        match reason {
-            SwitchReason::LinkDown => Some(NoticeCause::LinkDown),
-            SwitchReason::Distress => Some(NoticeCause::Distress),
-            SwitchReason::Recovered | SwitchReason::EndpointRemoved => Some(NoticeCause::Choice),
-            SwitchReason::Failback | SwitchReason::LowerRtt if self.role == Role::Chooser => {
-                Some(NoticeCause::Choice)
-            }
-            SwitchReason::Failback
-            | SwitchReason::LowerRtt
-            | SwitchReason::Initial
-            | SwitchReason::PeerChoice
-            | SwitchReason::PeerNotice => None,
-        }
-    }
-
-    fn send_notice(&mut self, path: PathId, cause: NoticeCause, now: Instant) {
-        let out = &mut self.notice_out;
-        out.counter = out.counter.wrapping_add(1);
-        let notice = PathNotice {
-            seq: (u64::from(out.epoch) << 32) | u64::from(out.counter),
-            cause,
-        };
-        self.notices.push_back(NoticeTransmit { path, notice });
-        let fast = self
-            .uplinks
-            .get(usize::from(path.uplink.0))
-            .map_or(Duration::from_millis(200), |u| u.probe.fast_interval);
-        self.notice_out.repeat =
-            (NOTICE_COPIES > 1).then_some((notice, now + fast, NOTICE_COPIES - 1));
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::path::{NoticeCause, PathConfig, ProbeSettings, UplinkConfig, UplinkKind};
+    use crate::path::{
+        NoticeCause, NoticeRejected, PathConfig, PathNotice, ProbeSettings, UplinkConfig,
+        UplinkKind,
+    };
     use std::net::SocketAddr;
 
     fn ms(v: u64) -> Duration {
