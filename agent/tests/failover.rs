@@ -456,6 +456,13 @@ fn one_sided_hard_cut_at_either_end_moves_both_ends() {
     } else {
         "b"
     };
+    let role = |end: usize| {
+        if ["a", "b"][end] == chooser {
+            "chooser"
+        } else {
+            "follower"
+        }
+    };
     let mut gaps_by_end: [Vec<u64>; 2] = [Vec::new(), Vec::new()];
     for k in 0..trials {
         let end = k % 2;
@@ -475,11 +482,7 @@ fn one_sided_hard_cut_at_either_end_moves_both_ends() {
         eprintln!(
             "trial {k}: cut at {} ({}), longest gap {gap} ms; other end: {} ({})",
             ["a", "b"][end],
-            if ["a", "b"][end] == chooser {
-                "chooser"
-            } else {
-                "follower"
-            },
+            role(end),
             moved["active_uplink"],
             moved["last_switch_reason"],
         );
@@ -501,11 +504,7 @@ fn one_sided_hard_cut_at_either_end_moves_both_ends() {
         eprintln!(
             "cut at {} ({}): {} trials, gap p50 {} ms, max {} ms: {g:?}",
             ["a", "b"][end],
-            if ["a", "b"][end] == chooser {
-                "chooser"
-            } else {
-                "follower"
-            },
+            role(end),
             g.len(),
             pct(g, 0.5),
             g.last().copied().unwrap_or(0),

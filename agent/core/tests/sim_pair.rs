@@ -5,8 +5,9 @@
 //! other end must move within one round trip of the backup path (the path notice), whatever
 //! its role and whether or not data flows from the follower.
 
-use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap};
+#[path = "sim/timeline.rs"]
+mod timeline;
+
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -15,6 +16,7 @@ use skymesh_agent_core::path::{
     RemoteEndpoint, Role, SwitchReason, UplinkConfig, UplinkId, UplinkKind, ValidPathConfig,
     MAX_BACKOFF,
 };
+use timeline::{InFlight, Script};
 
 fn ms(v: u64) -> Duration {
     Duration::from_millis(v)
@@ -56,8 +58,6 @@ struct Flight {
     packet: Packet,
 }
 
-type Step = Box<dyn FnOnce(&mut Pair)>;
-
 struct Pair {
     t0: Instant,
     now: Instant,
@@ -72,10 +72,8 @@ struct Pair {
     next_data: Instant,
     /// Probes sent before this instant find no session: the driver reports them not sent.
     session_at: Instant,
-    queue: BinaryHeap<Reverse<(Instant, u64)>>,
-    flights: BTreeMap<u64, Flight>,
-    seq: u64,
-    script: Vec<(Instant, Step)>,
+    flights: InFlight<Flight>,
+    script: Script<Pair>,
     events: Vec<(Instant, usize, SwitchReason, Option<PathId>)>,
     /// Data arrivals per end.
     data_rx: [Vec<Instant>; 2],
@@ -144,10 +142,8 @@ impl Pair {
             streams: [false; 2],
             next_data: t0,
             session_at: t0,
-            queue: BinaryHeap::new(),
-            flights: BTreeMap::new(),
-            seq: 0,
-            script: Vec::new(),
+            flights: InFlight::default(),
+            script: Script::default(),
             events: Vec::new(),
             data_rx: [Vec::new(), Vec::new()],
             probe_bytes: Vec::new(),
@@ -159,8 +155,7 @@ impl Pair {
     }
 
     fn at(&mut self, t: Instant, f: impl FnOnce(&mut Pair) + 'static) {
-        self.script.push((t, Box::new(f)));
-        self.script.sort_by_key(|(t, _)| *t);
+        self.script.at(t, f);
     }
 
     /// The physical link goes down (or up) and that end's netlink tells its agent at once.
@@ -206,18 +201,14 @@ impl Pair {
         if self.blackhole_out[from][u] || from_uplink != to_uplink {
             return; // vanishes, or no route between a satellite and a terrestrial address
         }
-        self.seq += 1;
-        self.flights.insert(
-            self.seq,
-            Flight {
-                from,
-                from_uplink,
-                to_uplink,
-                packet,
-            },
-        );
         let latency = HALF[u] + HALF[usize::from(to_uplink)];
-        self.queue.push(Reverse((self.now + latency, self.seq)));
+        let flight = Flight {
+            from,
+            from_uplink,
+            to_uplink,
+            packet,
+        };
+        self.flights.push(self.now + latency, flight);
     }
 
     fn drain(&mut self, end: usize) {
@@ -274,36 +265,26 @@ impl Pair {
 
     fn run_until(&mut self, end: Instant) {
         loop {
-            let mut next = end;
             let streaming = self.streams.iter().any(|&s| s);
-            for t in [
-                self.agents[A].poll_timeout(),
-                self.agents[B].poll_timeout(),
-                self.queue.peek().map(|Reverse((t, _))| *t),
-                self.script.first().map(|(t, _)| *t),
-                streaming.then_some(self.next_data),
-            ]
-            .into_iter()
-            .flatten()
-            {
-                next = next.min(t);
-            }
-            if next >= end {
+            let next = timeline::next_instant(
+                end,
+                [
+                    self.agents[A].poll_timeout(),
+                    self.agents[B].poll_timeout(),
+                    self.flights.next_at(),
+                    self.script.next_at(),
+                    streaming.then_some(self.next_data),
+                ],
+            );
+            let Some(now) = next else {
                 self.now = end;
                 return;
+            };
+            self.now = now;
+            while let Some(step) = self.script.pop_due(now) {
+                step(self);
             }
-            self.now = next;
-            let now = next;
-            while self.script.first().is_some_and(|(t, _)| *t <= now) {
-                let (_, f) = self.script.remove(0);
-                f(self);
-            }
-            while let Some(Reverse((t, id))) = self.queue.peek().copied() {
-                if t > now {
-                    break;
-                }
-                self.queue.pop();
-                let f = self.flights.remove(&id).expect("flight");
+            while let Some(f) = self.flights.pop_due(now) {
                 self.arrive(f);
             }
             if !streaming {

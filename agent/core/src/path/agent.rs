@@ -861,6 +861,17 @@ mod tests {
         }
     }
 
+    /// Two uplinks (tiers 0 and 1) to one endpoint, both proven at `t0`, traffic on tier 0,
+    /// events drained.
+    fn proven_agent(t0: Instant) -> PathAgent {
+        let mut agent = PathAgent::new(&config(&[0, 1]), &[remote(1, 0)], 7, t0);
+        agent.handle_timeout(t0);
+        answer_all(&mut agent, t0, ms(1));
+        assert_eq!(agent.active_path(), Some(path(0, 1)));
+        while agent.poll_event().is_some() {}
+        agent
+    }
+
     #[test]
     fn initial_choice_uses_both_tiers_and_is_announced() {
         let t0 = Instant::now();
@@ -1008,11 +1019,7 @@ mod tests {
     #[test]
     fn chooser_follows_the_follower_off_a_silent_path_but_not_right_after_its_own_switch() {
         let t0 = Instant::now();
-        let mut agent = PathAgent::new(&config(&[0, 1]), &[remote(1, 0)], 7, t0);
-        agent.handle_timeout(t0);
-        answer_all(&mut agent, t0, ms(1));
-        assert_eq!(agent.active_path(), Some(path(0, 1)));
-        while agent.poll_event().is_some() {}
+        let mut agent = proven_agent(t0);
         // Right after the initial choice: data on the backup does not move the chooser.
         agent.handle_peer_data(path(1, 1), t0 + ms(300));
         assert_eq!(agent.active_path(), Some(path(0, 1)));
@@ -1038,11 +1045,7 @@ mod tests {
     #[test]
     fn path_notices_move_once_and_never_backwards() {
         let t0 = Instant::now();
-        let mut agent = PathAgent::new(&config(&[0, 1]), &[remote(1, 0)], 7, t0);
-        agent.handle_timeout(t0);
-        answer_all(&mut agent, t0, ms(1));
-        assert_eq!(agent.active_path(), Some(path(0, 1)));
-        while agent.poll_event().is_some() {}
+        let mut agent = proven_agent(t0);
         let notice = |epoch: u64, counter: u64| PathNotice {
             seq: (epoch << 32) | counter,
             cause: NoticeCause::LinkDown,
@@ -1095,9 +1098,7 @@ mod tests {
     #[test]
     fn an_own_move_is_announced_twice_on_the_new_path_with_a_rising_counter() {
         let t0 = Instant::now();
-        let mut agent = PathAgent::new(&config(&[0, 1]), &[remote(1, 0)], 7, t0);
-        agent.handle_timeout(t0);
-        answer_all(&mut agent, t0, ms(1));
+        let mut agent = proven_agent(t0);
         agent.handle_link_event(UplinkId(0), LinkState::Down, t0 + ms(100));
         let first = agent.poll_notice().expect("notice at once");
         assert_eq!(first.path, path(1, 1));
