@@ -112,6 +112,10 @@ pub(crate) struct DropCounters {
     pub(crate) io_errors: u64,
     /// Authenticated probe replies that matched no outstanding probe on their path.
     pub(crate) probe_unmatched: u64,
+    /// Authenticated path notices not acted on (duplicate, overtaken, on a link that is down).
+    pub(crate) notice_ignored: u64,
+    /// Probes not sent: no session yet (a handshake went instead) or the socket refused them.
+    pub(crate) probes_not_sent: u64,
     /// TUN frames with a bad virtio-net header or that cannot be segmented.
     pub(crate) bad_tun_frame: u64,
 }
@@ -219,6 +223,8 @@ struct Failover {
     /// When some agent's `poll_timeout` may be due (earliest known).
     deadline: Option<Instant>,
     min_fast: Duration,
+    /// Per uplink: probe-protocol bytes (probes, replies, path notices) sent and received.
+    probe_bytes: Vec<paths::ProbeBytes>,
 }
 
 /// Handles the control thread uses to reach the data plane.
@@ -271,6 +277,7 @@ impl Device {
                     monitor,
                     deadline: None,
                     min_fast: setup.min_fast_interval(),
+                    probe_bytes: vec![paths::ProbeBytes::default(); specs.len()],
                     setup,
                 })
             }
@@ -725,11 +732,15 @@ impl Device {
             remote: src,
         });
         let mut drive = false;
+        let mut pace = Duration::ZERO;
+        if let (Some(_), Some(f), Some(u)) = (probe, self.failover.as_mut(), path) {
+            f.probe_bytes[usize::from(u.uplink.0)].rx += n as u64;
+        }
         match (peer.paths.as_mut(), path) {
             (Some(pp), Some(path)) => {
                 let now = Instant::now();
                 match probe {
-                    Some(ProbeMessage::Reply { nonce }) => {
+                    Some(ProbeMessage::Reply { nonce, pace_secs }) => {
                         match pp.agent.handle_probe_reply(path, nonce, now) {
                             Ok(rtt) => {
                                 tracing::trace!(%path, ?rtt, "probe reply");
@@ -741,9 +752,24 @@ impl Device {
                                 self.drops.probe_unmatched += 1;
                             }
                         }
+                        pp.agent
+                            .handle_probe_pace(path, Duration::from_secs(pace_secs.into()));
                     }
                     Some(ProbeMessage::Request { .. }) => {
-                        pp.agent.handle_authenticated_rx(path, now)
+                        pp.agent.handle_authenticated_rx(path, now);
+                        pace = pp.agent.probe_pace(path);
+                    }
+                    Some(ProbeMessage::Notice(notice)) => {
+                        match pp.agent.handle_path_notice(path, notice, now) {
+                            Ok(()) => {
+                                tracing::info!(%path, cause = notice.cause.as_str(), "path notice from peer");
+                                drive = true;
+                            }
+                            Err(e) => {
+                                tracing::debug!(%path, error = %e, "path notice ignored");
+                                self.drops.notice_ignored += 1;
+                            }
+                        }
                     }
                     None if data => {
                         pp.agent.handle_peer_data(path, now);
@@ -764,13 +790,18 @@ impl Device {
                 }
             }
         }
-        if let Some(ProbeMessage::Request { nonce }) = probe {
+        if let Some(reply) = probe.and_then(|p| p.reply(paths::pace_secs(pace))) {
             // Answer on the path it came in on, inside the same session.
             let mut inner = [0u8; PROBE_PACKET_LEN];
-            paths::build_probe(ProbeMessage::Reply { nonce }, &mut inner);
+            paths::build_probe(reply, &mut inner);
             if let TunnResult::WriteToNetwork(out) = tunn.encapsulate(&inner, &mut self.tx_buf) {
                 match self.uplinks.send_via(uplink, src, out) {
-                    Ok(sent) => peer.tx_bytes += sent as u64,
+                    Ok(sent) => {
+                        peer.tx_bytes += sent as u64;
+                        if let (Some(f), Some(u)) = (self.failover.as_mut(), path) {
+                            f.probe_bytes[usize::from(u.uplink.0)].tx += sent as u64;
+                        }
+                    }
                     Err(_) => self.drops.io_errors += 1,
                 }
             }
@@ -1336,10 +1367,11 @@ impl Device {
         };
         while let Some(tx) = pp.agent.poll_transmit() {
             let Some(tunn) = peer.tunn.as_mut() else {
+                pp.agent.handle_probe_not_sent(tx.path, tx.nonce);
                 continue;
             };
             tracing::trace!(path = %tx.path, probe = tx.probe_id.0, "probe");
-            let out = if tunn.time_since_last_handshake().is_none() {
+            let (out, is_probe) = if tunn.time_since_last_handshake().is_none() {
                 // No session: the probe becomes a handshake initiation on the probed path. The
                 // probe is not queued (boringtun would flush it once the session is up, and its
                 // late reply would count as a huge RTT sample); the agent counts it as
@@ -1348,7 +1380,7 @@ impl Device {
                 // drops the others as replays, and its answer comes back on a path that works.
                 // Both ends doing this at once is what opens two NATs (hole punching).
                 let now = Instant::now();
-                match peer
+                let init = match peer
                     .init
                     .filter(|i| now.duration_since(i.at) < REKEY_TIMEOUT)
                 {
@@ -1366,16 +1398,47 @@ impl Device {
                         }
                         r
                     }
-                }
+                };
+                (init, false)
             } else {
                 let mut inner = [0u8; PROBE_PACKET_LEN];
                 paths::build_probe(ProbeMessage::Request { nonce: tx.nonce }, &mut inner);
-                tunn.encapsulate(&inner, &mut self.tx_buf)
+                (tunn.encapsulate(&inner, &mut self.tx_buf), true)
             };
-            if let TunnResult::WriteToNetwork(out) = out {
-                match self.uplinks.send_on(tx.path.uplink, tx.path.remote, out) {
-                    Ok(sent) => peer.tx_bytes += sent as u64,
-                    Err(_) => self.drops.io_errors += 1,
+            let sent = match out {
+                // A session that expired makes boringtun queue the probe behind a handshake.
+                TunnResult::WriteToNetwork(out) if is_probe && paths::is_transport_data(out) => {
+                    send_probe_packet(&self.uplinks, tx.path, out, &mut f.probe_bytes)
+                }
+                TunnResult::WriteToNetwork(out) => {
+                    let _ = send_probe_packet(&self.uplinks, tx.path, out, &mut f.probe_bytes);
+                    None
+                }
+                _ => None,
+            };
+            match sent {
+                Some(n) => peer.tx_bytes += n,
+                None => {
+                    self.drops.probes_not_sent += 1;
+                    pp.agent.handle_probe_not_sent(tx.path, tx.nonce);
+                }
+            }
+        }
+        while let Some(n) = pp.agent.poll_notice() {
+            let Some(tunn) = peer.tunn.as_mut() else {
+                continue;
+            };
+            let mut inner = [0u8; PROBE_PACKET_LEN];
+            paths::build_probe(ProbeMessage::Notice(n.notice), &mut inner);
+            // Without a session there is nobody to tell; the probes start a handshake.
+            if let TunnResult::WriteToNetwork(out) = tunn.encapsulate(&inner, &mut self.tx_buf) {
+                if paths::is_transport_data(out) {
+                    if let Some(sent) =
+                        send_probe_packet(&self.uplinks, n.path, out, &mut f.probe_bytes)
+                    {
+                        peer.tx_bytes += sent;
+                    }
+                    tracing::info!(path = %describe(&f.names, Some(n.path)), cause = n.notice.cause.as_str(), "path notice sent");
                 }
             }
         }
@@ -1484,12 +1547,16 @@ impl Device {
                     .config
                     .uplinks()
                     .zip(&f.links)
-                    .map(|(u, &(_, up))| paths::UplinkStatus {
+                    .zip(&f.probe_bytes)
+                    .map(|((u, &(_, up)), b)| paths::UplinkStatus {
                         name: u.name.clone(),
                         kind: u.kind.as_str().to_owned(),
                         priority: u.priority,
                         interface: u.interface.clone(),
                         up,
+                        metered: u.metered,
+                        probe_tx_bytes: b.tx,
+                        probe_rx_bytes: b.rx,
                     })
                     .collect(),
                 f.names.as_slice(),
@@ -1673,6 +1740,21 @@ fn nonce_seed() -> u64 {
         b = t.to_le_bytes();
     }
     u64::from_le_bytes(b)
+}
+
+/// Sends a probe-protocol datagram on `path` and counts its bytes on the uplink; the bytes
+/// sent, `None` if the socket refused it.
+fn send_probe_packet(
+    uplinks: &Uplinks,
+    path: PathId,
+    out: &[u8],
+    bytes: &mut [paths::ProbeBytes],
+) -> Option<u64> {
+    let sent = uplinks.send_on(path.uplink, path.remote, out).ok()? as u64;
+    if let Some(b) = bytes.get_mut(usize::from(path.uplink.0)) {
+        b.tx += sent;
+    }
+    Some(sent)
 }
 
 fn describe(names: &[String], p: Option<PathId>) -> String {

@@ -122,6 +122,25 @@ pub(crate) struct PeerPaths {
     pub(crate) unmatched_replies: u64,
 }
 
+/// Probe-protocol bytes (probes, replies, path notices, as sent on the wire) of one uplink.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct ProbeBytes {
+    pub(crate) tx: u64,
+    pub(crate) rx: u64,
+}
+
+/// The pace to put in a probe reply, in whole seconds (rounded up, saturating).
+pub(crate) fn pace_secs(pace: Duration) -> u16 {
+    let secs = pace.as_secs() + u64::from(pace.subsec_nanos() > 0);
+    u16::try_from(secs).unwrap_or(u16::MAX)
+}
+
+/// Whether boringtun's output is a WireGuard transport-data message (type 4), as opposed to
+/// a handshake it started while queueing the packet.
+pub(crate) fn is_transport_data(out: &[u8]) -> bool {
+    out.first() == Some(&4)
+}
+
 /// Length of an inner probe packet: IPv4 header, UDP header, payload.
 pub(crate) const PROBE_PACKET_LEN: usize = 20 + 8 + PROBE_LEN;
 
@@ -225,6 +244,14 @@ pub(crate) struct UplinkStatus {
     pub(crate) priority: u8,
     pub(crate) interface: Option<String>,
     pub(crate) up: bool,
+    /// Probes on it are paced to a budget (absent from older agents).
+    #[serde(default)]
+    pub(crate) metered: bool,
+    /// Probe-protocol bytes sent and received on it, all peers together.
+    #[serde(default)]
+    pub(crate) probe_tx_bytes: u64,
+    #[serde(default)]
+    pub(crate) probe_rx_bytes: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -335,6 +362,35 @@ mod tests {
         let mut from = pkt;
         from[12..16].copy_from_slice(&[10, 77, 0, 2]);
         assert_eq!(parse_probe(&from), None);
+    }
+
+    #[test]
+    fn notices_and_paced_replies_travel_in_probe_packets() {
+        use skymesh_agent_core::path::{NoticeCause, PathNotice};
+        let mut pkt = [0u8; PROBE_PACKET_LEN];
+        let notice = ProbeMessage::Notice(PathNotice {
+            seq: (3 << 32) | 9,
+            cause: NoticeCause::Distress,
+        });
+        build_probe(notice, &mut pkt);
+        assert_eq!(parse_probe(&pkt), Some(notice));
+        let reply = ProbeMessage::Reply {
+            nonce: 5,
+            pace_secs: pace_secs(Duration::from_millis(184_320)),
+        };
+        build_probe(reply, &mut pkt);
+        assert_eq!(
+            parse_probe(&pkt),
+            Some(ProbeMessage::Reply {
+                nonce: 5,
+                pace_secs: 185
+            })
+        );
+        assert_eq!(pace_secs(Duration::ZERO), 0);
+        assert_eq!(pace_secs(Duration::from_secs(1 << 20)), u16::MAX);
+        assert!(is_transport_data(&[4, 0, 0, 0]));
+        assert!(!is_transport_data(&[1, 0, 0, 0]));
+        assert!(!is_transport_data(&[]));
     }
 
     #[test]

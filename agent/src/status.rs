@@ -260,6 +260,20 @@ pub(crate) fn render_prometheus(r: &StatusReport) -> String {
             u8::from(u.up)
         );
     }
+    let _ = writeln!(
+        o,
+        "# HELP skymesh_uplink_probe_bytes_total Probe, probe reply and path notice bytes on the uplink, all peers."
+    );
+    let _ = writeln!(o, "# TYPE skymesh_uplink_probe_bytes_total counter");
+    for u in &r.uplinks {
+        for (dir, bytes) in [("tx", u.probe_tx_bytes), ("rx", u.probe_rx_bytes)] {
+            let _ = writeln!(
+                o,
+                "skymesh_uplink_probe_bytes_total{{iface=\"{i}\",uplink=\"{}\",metered=\"{}\",direction=\"{dir}\"}} {bytes}",
+                u.name, u.metered
+            );
+        }
+    }
     let _ = writeln!(o, "# TYPE skymesh_peer_switches_total counter");
     let _ = writeln!(o, "# TYPE skymesh_peer_active_path gauge");
     let _ = writeln!(o, "# TYPE skymesh_path_rtt_seconds gauge");
@@ -387,12 +401,15 @@ pub(crate) fn print_status(iface: Option<&str>, json: bool) -> anyhow::Result<()
     for u in &report.uplinks {
         writeln!(
             out,
-            "  uplink {} [{}] tier {} {} {}",
+            "  uplink {} [{}{}] tier {} {} {} probe bytes {} out {} in",
             u.name,
             u.kind,
+            if u.metered { ", metered" } else { "" },
             u.priority,
             u.interface.as_deref().unwrap_or("-"),
-            if u.up { "up" } else { "DOWN" }
+            if u.up { "up" } else { "DOWN" },
+            u.probe_tx_bytes,
+            u.probe_rx_bytes,
         )?;
     }
     for p in &report.peers {

@@ -30,6 +30,8 @@ struct Mesh {
     _dir: tempfile::TempDir,
     /// Overlay address of b.
     b4: String,
+    /// The switch namespace between a and b, if the links go through one.
+    _mid: Option<Netns>,
 }
 
 fn uplinks_yaml(sat: &str, terr: &str, peer_key: &str, peer_sat: &str, peer_terr: &str) -> String {
@@ -52,7 +54,48 @@ fn mesh(tag: &str, subnet: u8) -> Mesh {
 
 /// [`mesh`] with the peers' candidate endpoints on the IPv6 (`v6`) or IPv4 underlay.
 fn mesh_on(tag: &str, subnet: u8, v6: bool) -> Mesh {
-    let net = pair(tag, subnet);
+    mesh_with(pair(tag, subnet), None, subnet, v6)
+}
+
+/// [`mesh`] whose links run through a switch namespace (a bridge per link): taking one
+/// end's link down is seen by that end alone, as a field unit's unplugged dish is.
+fn mesh_switched(tag: &str, subnet: u8) -> Mesh {
+    let a = Netns::new(&format!("{tag}a"));
+    let b = Netns::new(&format!("{tag}b"));
+    let mid = Netns::new(&format!("{tag}m"));
+    let mk = |name: &str, third: u8| {
+        let br = format!("{name}br");
+        mid.ip(&["link", "add", &br, "type", "bridge"]);
+        mid.ip(&["link", "set", &br, "up"]);
+        for (ns, h) in [(&a, 1u8), (&b, 2u8)] {
+            let end = format!("{name}{}", if h == 1 { "a" } else { "b" });
+            let port = format!("{name}m{h}");
+            ok(
+                "ip",
+                &[
+                    "link", "add", &end, "netns", &ns.name, "type", "veth", "peer", "name", &port,
+                    "netns", &mid.name,
+                ],
+            );
+            mid.ip(&["link", "set", &port, "master", &br]);
+            mid.ip(&["link", "set", &port, "up"]);
+            ns.ip(&[
+                "addr",
+                "add",
+                &format!("198.18.{third}.{h}/24"),
+                "dev",
+                &end,
+            ]);
+            ns.ip(&["link", "set", &end, "up"]);
+        }
+        (format!("198.18.{third}.1"), format!("198.18.{third}.2"))
+    };
+    let sat = mk("sat", subnet);
+    let terr = mk("terr", subnet + 1);
+    mesh_with(Pair { a, b, sat, terr }, Some(mid), subnet, false)
+}
+
+fn mesh_with(net: Pair, mid: Option<Netns>, subnet: u8, v6: bool) -> Mesh {
     // Underlay endpoint of host `h` (1 = a, 2 = b) on the link of `third` (see `pair`).
     let ep = |third: u8, h: u8| {
         if v6 {
@@ -178,6 +221,7 @@ fn mesh_on(tag: &str, subnet: u8, v6: bool) -> Mesh {
         _pb: pb,
         _dir: dir,
         b4: o4(2),
+        _mid: mid,
     };
     // Both ends proved the sat path and carry traffic on it.
     m.wait_active(&m.ia, "sat", Duration::from_secs(5));
@@ -395,6 +439,86 @@ opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 print(opener.open("http://" + sys.argv[1] + "/metrics", timeout=5).read().decode())
 "#;
 
+/// The hard cut taken by one end only (its sat link goes down behind a switch; the other end
+/// sees nothing), alternating between a and b, so the chooser and the follower each take it:
+/// the path notice moves the other end, and the ping a→b loses about one backup RTT.
+#[test]
+fn one_sided_hard_cut_at_either_end_moves_both_ends() {
+    require(&["ip", "wg", "ping"]);
+    let _g = lock();
+    let trials: usize = std::env::var("SKYMESH_FAILOVER_TRIALS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let m = mesh_switched("fo", 73);
+    let chooser = if m.peer_status(&m.ia)["role"] == "chooser" {
+        "a"
+    } else {
+        "b"
+    };
+    let role = |end: usize| {
+        if ["a", "b"][end] == chooser {
+            "chooser"
+        } else {
+            "follower"
+        }
+    };
+    let mut gaps_by_end: [Vec<u64>; 2] = [Vec::new(), Vec::new()];
+    for k in 0..trials {
+        let end = k % 2;
+        let (ns, dev, iface, other) = if end == 0 {
+            (&m.net.a, "sata", &m.ia, &m.ib)
+        } else {
+            (&m.net.b, "satb", &m.ib, &m.ia)
+        };
+        let ping = m.ping(3);
+        // Let the ping run on sat before the cut.
+        std::thread::sleep(Duration::from_millis(1_000));
+        ns.ip(&["link", "set", dev, "down"]);
+        let gaps = ping.join().expect("ping thread");
+        let gap = gaps.longest_gap_ms();
+        let cut = m.peer_status(iface);
+        let moved = m.peer_status(other);
+        eprintln!(
+            "trial {k}: cut at {} ({}), longest gap {gap} ms; other end: {} ({})",
+            ["a", "b"][end],
+            role(end),
+            moved["active_uplink"],
+            moved["last_switch_reason"],
+        );
+        assert_eq!(cut["last_switch_reason"], "link_down", "{cut:#}");
+        assert_eq!(moved["active_uplink"], "terr", "{moved:#}");
+        assert_eq!(moved["last_switch_reason"], "peer_notice", "{moved:#}");
+        let status = m.status(other);
+        assert_eq!(status["uplinks"][0]["up"], true, "the other end saw no cut");
+        gaps_by_end[end].push(gap);
+        ns.ip(&["link", "set", dev, "up"]);
+        m.wait_active(&m.ia, "sat", Duration::from_secs(20));
+        m.wait_active(&m.ib, "sat", Duration::from_secs(20));
+    }
+    let mut all: Vec<u64> = gaps_by_end.concat();
+    all.sort_unstable();
+    let pct = |v: &[u64], p: f64| v[((v.len() - 1) as f64 * p).round() as usize];
+    for (end, g) in gaps_by_end.iter_mut().enumerate() {
+        g.sort_unstable();
+        eprintln!(
+            "cut at {} ({}): {} trials, gap p50 {} ms, max {} ms: {g:?}",
+            ["a", "b"][end],
+            role(end),
+            g.len(),
+            pct(g, 0.5),
+            g.last().copied().unwrap_or(0),
+        );
+    }
+    let (p50, p99) = (pct(&all, 0.5), pct(&all, 0.99));
+    eprintln!(
+        "one-sided hard cut, {} trials: p50 {p50} ms, p99 {p99} ms",
+        all.len()
+    );
+    assert!(p50 <= 100, "p50 {p50} ms: {all:?}");
+    assert!(p99 <= 300, "p99 {p99} ms: {all:?}");
+}
+
 #[test]
 fn silent_sat_blackhole_moves_traffic_within_two_seconds() {
     require(&["ip", "wg", "ping", "nft"]);
@@ -488,15 +612,17 @@ fn forged_probe_replies_do_not_move_traffic_and_failback_waits_for_the_hold_time
     let took = restored.elapsed();
     let gaps = ping.join().expect("ping thread");
     m.wait_active(&m.ib, "sat", Duration::from_secs(2));
-    // The chooser failed back after the hold time; the follower followed its data.
+    // The chooser failed back after the hold time; the follower followed its notice (or its
+    // data, whichever came first).
     for iface in [&m.ia, &m.ib] {
         let p = m.peer_status(iface);
-        let want = if p["role"] == "chooser" {
-            "failback"
+        let want: &[&str] = if p["role"] == "chooser" {
+            &["failback"]
         } else {
-            "peer_choice"
+            &["peer_notice", "peer_choice"]
         };
-        assert_eq!(p["last_switch_reason"], want, "{iface}: {p:#}");
+        let reason = p["last_switch_reason"].as_str().unwrap_or_default();
+        assert!(want.contains(&reason), "{iface}: {p:#}");
     }
     assert!(took >= Duration::from_millis(HOLD_MS), "{took:?}");
     let max_seq = gaps.seqs.last().copied().unwrap_or(0);

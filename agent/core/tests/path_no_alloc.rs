@@ -64,6 +64,8 @@ fn per_packet_inputs_and_steady_state_probing_do_not_allocate() {
                 kind: UplinkKind::Terrestrial,
                 priority: i,
                 probe: ProbeSettings::default(),
+                metered: false,
+                probe_budget_bytes_per_hour: None,
             })
             .collect(),
         failover: Default::default(),

@@ -4,8 +4,9 @@
 //! Checks that both ends agree on the path, that probes never drag the data path, and that a
 //! failover on A is mirrored by B within one packet.
 
-use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap};
+#[path = "sim/timeline.rs"]
+mod timeline;
+
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -13,6 +14,7 @@ use skymesh_agent_core::path::{
     LinkState, PathAgent, PathConfig, PathEvent, PathId, ProbeSettings, RemoteEndpoint, Role,
     SwitchReason, UplinkConfig, UplinkId, UplinkKind,
 };
+use timeline::{InFlight, Script};
 
 fn ms(v: u64) -> Duration {
     Duration::from_millis(v)
@@ -45,9 +47,6 @@ struct Flight {
     packet: Packet,
 }
 
-/// A scripted change to the world.
-type ScriptStep = Box<dyn FnOnce(&mut TwoEnds)>;
-
 struct Underlay {
     latency: [Duration; 2],
     blackhole: [bool; 2],
@@ -62,11 +61,9 @@ struct TwoEnds {
     net: Underlay,
     a_addrs: [SocketAddr; 2],
     b_addr: SocketAddr,
-    queue: BinaryHeap<Reverse<(Instant, u64)>>,
-    flights: BTreeMap<u64, Flight>,
-    seq: u64,
+    flights: InFlight<Flight>,
     next_ping: Instant,
-    script: Vec<(Instant, ScriptStep)>,
+    script: Script<TwoEnds>,
     events: Vec<(Instant, Node, PathEvent)>,
     echoes: Vec<Instant>,
     /// Data packets B sent on a path other than the one A chose, after B had seen A's choice.
@@ -84,6 +81,8 @@ fn config(uplinks: &[(&str, UplinkKind, u8)]) -> skymesh_agent_core::path::Valid
                 kind,
                 priority,
                 probe: ProbeSettings::default(),
+                metered: false,
+                probe_budget_bytes_per_hour: None,
             })
             .collect(),
         failover: Default::default(),
@@ -142,11 +141,9 @@ impl TwoEnds {
             },
             a_addrs,
             b_addr,
-            queue: BinaryHeap::new(),
-            flights: BTreeMap::new(),
-            seq: 0,
+            flights: InFlight::default(),
             next_ping: t0,
-            script: Vec::new(),
+            script: Script::default(),
             events: Vec::new(),
             echoes: Vec::new(),
             disagreements: 0,
@@ -178,8 +175,7 @@ impl TwoEnds {
     }
 
     fn at(&mut self, t: Instant, f: impl FnOnce(&mut TwoEnds) + 'static) {
-        self.script.push((t, Box::new(f)));
-        self.script.sort_by_key(|(t, _)| *t);
+        self.script.at(t, f);
     }
 
     fn send(&mut self, to: Node, a_uplink: u8, packet: Packet) {
@@ -187,17 +183,12 @@ impl TwoEnds {
         if !self.net.up[u] || self.net.blackhole[u] {
             return;
         }
-        self.seq += 1;
-        self.flights.insert(
-            self.seq,
-            Flight {
-                to,
-                a_uplink,
-                packet,
-            },
-        );
-        self.queue
-            .push(Reverse((self.now + self.net.latency[u], self.seq)));
+        let flight = Flight {
+            to,
+            a_uplink,
+            packet,
+        };
+        self.flights.push(self.now + self.net.latency[u], flight);
     }
 
     fn drain(&mut self) {
@@ -257,34 +248,25 @@ impl TwoEnds {
 
     fn run_until(&mut self, end: Instant) {
         loop {
-            let mut next = end.min(self.next_ping);
-            for t in [
-                self.a.poll_timeout(),
-                self.b.poll_timeout(),
-                self.queue.peek().map(|Reverse((t, _))| *t),
-                self.script.first().map(|(t, _)| *t),
-            ]
-            .into_iter()
-            .flatten()
-            {
-                next = next.min(t);
-            }
-            if next >= end {
+            let next = timeline::next_instant(
+                end,
+                [
+                    Some(self.next_ping),
+                    self.a.poll_timeout(),
+                    self.b.poll_timeout(),
+                    self.flights.next_at(),
+                    self.script.next_at(),
+                ],
+            );
+            let Some(now) = next else {
                 self.now = end;
                 return;
+            };
+            self.now = now;
+            while let Some(step) = self.script.pop_due(now) {
+                step(self);
             }
-            self.now = next;
-            let now = next;
-            while self.script.first().is_some_and(|(t, _)| *t <= now) {
-                let (_, f) = self.script.remove(0);
-                f(self);
-            }
-            while let Some(Reverse((t, id))) = self.queue.peek().copied() {
-                if t > now {
-                    break;
-                }
-                self.queue.pop();
-                let f = self.flights.remove(&id).expect("flight");
+            while let Some(f) = self.flights.pop_due(now) {
                 self.arrive(f);
             }
             while self.next_ping <= now {

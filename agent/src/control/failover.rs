@@ -191,6 +191,8 @@ pub(crate) fn routed_uplinks() -> skymesh_agent_core::path::PathConfig {
             kind: CoreKind::Terrestrial,
             priority: 0,
             probe: Default::default(),
+            metered: false,
+            probe_budget_bytes_per_hour: None,
         }],
         failover: Default::default(),
     }

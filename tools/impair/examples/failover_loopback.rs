@@ -92,7 +92,7 @@ fn responder() -> SocketAddr {
         while let Ok((n, from)) = sock.recv_from(&mut buf) {
             match ProbeMessage::decode(&buf[..n])
                 .ok()
-                .and_then(ProbeMessage::reply)
+                .and_then(|m| m.reply(0))
             {
                 Some(reply) => {
                     reply.encode(&mut out);
@@ -145,6 +145,8 @@ fn main() -> ExitCode {
                 kind: UplinkKind::Satellite,
                 priority: 0,
                 probe: ProbeSettings::default(),
+                metered: false,
+                probe_budget_bytes_per_hour: None,
             },
             UplinkConfig {
                 name: "fibre".into(),
@@ -153,6 +155,8 @@ fn main() -> ExitCode {
                 kind: UplinkKind::Terrestrial,
                 priority: 1,
                 probe: ProbeSettings::default(),
+                metered: false,
+                probe_budget_bytes_per_hour: None,
             },
         ],
         failover: FailoverSettings {
@@ -195,10 +199,10 @@ fn main() -> ExitCode {
             };
             while let Ok(n) = sock.recv(&mut buf) {
                 match ProbeMessage::decode(&buf[..n]) {
-                    Ok(ProbeMessage::Reply { nonce }) => {
+                    Ok(ProbeMessage::Reply { nonce, .. }) => {
                         let _ = agent.handle_probe_reply(path, nonce, now);
                     }
-                    Ok(ProbeMessage::Request { .. }) => {}
+                    Ok(ProbeMessage::Request { .. } | ProbeMessage::Notice(_)) => {}
                     Err(_) => {
                         agent.handle_peer_data(path, now);
                         if phase == 1 {

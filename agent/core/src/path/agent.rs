@@ -1,5 +1,7 @@
 //! [`PathAgent`]: path selection towards one remote peer.
 
+mod notice;
+
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
@@ -7,14 +9,42 @@ use super::config::{FailoverTiming, ProbeTiming, ValidPathConfig};
 use super::probe::NonceSource;
 use super::state::{Health, Outstanding, PathState, STREAK_RESTARTS_HOLD};
 use super::{
-    LinkState, PathEvent, PathHealth, PathId, PathStats, ProbeId, ProbeTransmit, RemoteEndpoint,
-    Role, SwitchReason, SwitchRecord, UnmatchedReply, UplinkId,
+    LinkState, NoticeTransmit, PathEvent, PathHealth, PathId, PathStats, ProbeId, ProbeTransmit,
+    RemoteEndpoint, Role, SwitchReason, SwitchRecord, UnmatchedReply, UplinkId,
 };
+use notice::NoticeSender;
 
 /// While no path is proven, every path is probed at its fast cadence for this long, then at its
 /// backup cadence: finds a working path within one RTT after an outage, without spending five
 /// probes a second forever on a peer that is simply offline.
 const SEARCH_FAST_WINDOW: Duration = Duration::from_secs(10);
+
+/// Unanswered probes in a row after which a path that does not carry traffic is probed with
+/// exponential back-off, while another path works. Twice the default `distress_probes`: the
+/// path has been declared failed and had a second round of fast probes before probing slows,
+/// so a lost probe or a short outage never puts a good backup into back-off.
+pub const BACKOFF_AFTER: u32 = 6;
+
+/// In back-off, a dead path waits this fraction of the time it has been dead before its next
+/// probe (at least the backup interval): the recovery of a path is noticed within a quarter of
+/// its outage, and the probes of an hour-long outage drop from ~11 000 (fast cadence) to ~60.
+const BACKOFF_DIVISOR: u32 = 4;
+
+/// Longest back-off interval of a dead path: one minute, about 60 probes an hour (13 kB with
+/// replies over IPv4, against ~11 000 probes an hour when dead paths were probed fast), yet a
+/// path that silently comes back is found within a minute even when its peer does not probe
+/// it first (a packet from the peer on the path ends the back-off at once). Metered uplinks
+/// stretch it further to their pace.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+/// Bytes one probe, reply or notice occupies on an uplink over IPv6 (40 IP + 8 UDP + 32
+/// WireGuard data header and tag + 48 for the 44-byte inner packet padded to 16); over IPv4 it
+/// is 20 bytes less. The pace of a metered uplink is computed with this upper bound.
+pub const PROBE_WIRE_BYTES: u64 = 128;
+
+/// Longest pace a metered uplink asks for, whatever its budget: a backup is re-proven at
+/// least every ten minutes.
+const MAX_PACE: Duration = Duration::from_secs(600);
 
 #[derive(Debug, Clone, Copy)]
 struct UplinkState {
@@ -57,6 +87,10 @@ pub struct PathAgent {
     /// The latest `now` passed in; upgrade deadlines at or before it were acted on or deferred.
     last_now: Instant,
     role: Role,
+    notices: VecDeque<NoticeTransmit>,
+    notice_out: NoticeSender,
+    /// Sequence number of the last notice from the peer that was acted on.
+    notice_in: Option<u64>,
 }
 
 /// How long a direct path must stay proven before traffic leaves a relayed path for it.
@@ -84,13 +118,15 @@ impl PathAgent {
                 probe: u.probe,
             })
             .collect();
+        let mut nonces = NonceSource::new(nonce_seed);
+        let epoch = (nonces.next_nonce() >> 32) as u32;
         let mut agent = Self {
             uplinks,
             failover: config.failover,
             paths: Vec::new(),
             active: None,
             search_until: None,
-            nonces: NonceSource::new(nonce_seed),
+            nonces,
             next_probe_id: 0,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
@@ -98,6 +134,9 @@ impl PathAgent {
             last_switch: None,
             last_now: now,
             role: Role::Chooser,
+            notices: VecDeque::new(),
+            notice_out: NoticeSender::new(epoch),
+            notice_in: None,
         };
         agent.set_remote_endpoints(remotes, now);
         agent
@@ -175,7 +214,12 @@ impl PathAgent {
         p.last_rx = Some(now);
         p.silent_since = None;
         // Inbound data proves only the peer-to-us direction, so it never promotes a path and
-        // never clears a failure: only a probe reply does (round trip).
+        // never clears a failure: only a probe reply does (round trip). It does end a dead
+        // path's back-off: the next probe goes a fast interval from now.
+        if p.unanswered >= BACKOFF_AFTER {
+            p.unanswered = BACKOFF_AFTER - 1;
+            p.last_probe_at = Some(now);
+        }
     }
 
     /// Adds `path`, on which the peer's authenticated traffic arrived from an address its
@@ -301,11 +345,14 @@ impl PathAgent {
             return Err(UnmatchedReply::LinkDown);
         }
         let p = &mut self.paths[i];
-        let Some(slot) = p
-            .outstanding
-            .iter()
-            .position(|o| o.is_some_and(|o| o.nonce == nonce))
-        else {
+        let Some(slot) = p.outstanding_slot(nonce) else {
+            // A probe of another path answered here (the peer's reply took another route):
+            // it proves nothing, and must not count as lost on its own path either.
+            for other in &mut self.paths {
+                if other.forget_probe(nonce) {
+                    return Err(UnmatchedReply::OtherPath);
+                }
+            }
             return Err(UnmatchedReply::UnknownNonce);
         };
         let Some(out) = p.outstanding[slot].take() else {
@@ -333,11 +380,46 @@ impl PathAgent {
         Ok(rtt)
     }
 
-    /// Timers: distress deadlines, probe cadence, fail-back hold times.
+    /// The driver could not send the probe `nonce` on `path` (no session yet, so it started
+    /// a handshake instead; or the socket refused it). The probe leaves the loss statistics;
+    /// it still counts as unanswered for distress, since the path did not work.
+    pub fn handle_probe_not_sent(&mut self, path: PathId, nonce: u64) {
+        if let Some(i) = self.index(path) {
+            let p = &mut self.paths[i];
+            if p.forget_probe(nonce) {
+                p.probes_sent = p.probes_sent.saturating_sub(1);
+            }
+        }
+    }
+
+    /// The peer's reply on `path` asked for at least `pace` between probes on it (its uplink
+    /// is metered, see [`probe_pace`](Self::probe_pace)). Call it with every authenticated
+    /// reply; `Duration::ZERO` lifts the request.
+    pub fn handle_probe_pace(&mut self, path: PathId, pace: Duration) {
+        if let Some(i) = self.index(path) {
+            self.paths[i].peer_pace = pace.min(MAX_PACE);
+        }
+    }
+
+    /// The pace to put in a reply to the peer's probe arriving on `path`: the least spacing
+    /// between probes on it that keeps a metered uplink within its budget, zero when the
+    /// uplink is not metered or the path carries the traffic.
+    ///
+    /// The budget covers every probe exchange (request and reply) on the uplink's paths to
+    /// this peer, ours and the peer's: `2 × paths` probers share it.
+    pub fn probe_pace(&self, path: PathId) -> Duration {
+        match self.index(path) {
+            Some(i) if self.active != Some(i) => self.uplink_pace(path.uplink),
+            _ => Duration::ZERO,
+        }
+    }
+
+    /// Timers: distress deadlines, probe cadence, fail-back hold times, notice copies.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.evaluate(now);
         self.send_due_probes(now);
         // Sending may start a search cadence for other paths; nothing else changes here.
+        self.repeat_notice(now);
     }
 
     /// Next probe to send. The driver wraps it as described in the module documentation.
@@ -369,6 +451,7 @@ impl PathAgent {
             // own deadline is in the future (see `consider_upgrade`).
             consider(self.upgrade_deadline(i).filter(|&t| t > self.last_now));
         }
+        consider(self.notice_out.repeat_at());
         next
     }
 
@@ -390,7 +473,7 @@ impl PathAgent {
 
     /// Measurements of every path, in path order.
     pub fn path_stats(&self) -> impl Iterator<Item = PathStats> + '_ {
-        self.paths.iter().map(|p| PathStats {
+        self.paths.iter().enumerate().map(|(i, p)| PathStats {
             path: p.id,
             health: if !self.uplinks[usize::from(p.id.uplink.0)].up {
                 PathHealth::LinkDown
@@ -406,9 +489,12 @@ impl PathAgent {
             rtt_var: p.rtt.var(),
             latest_rtt: p.rtt.latest(),
             loss_ratio: p.loss.ratio(),
+            loss_samples: p.loss.samples(),
             probes_sent: p.probes_sent,
             replies_received: p.replies,
             last_reply: p.last_reply,
+            unanswered: p.unanswered,
+            next_probe: self.next_probe_at(i),
         })
     }
 
@@ -449,8 +535,28 @@ impl PathAgent {
         let Some(last) = p.last_probe_at else {
             return Some(p.created);
         };
+        let active = self.active == Some(i);
+        // Metered uplinks (ours or the peer's) pace the idle cadence of backups.
+        let pace = if active {
+            Duration::ZERO
+        } else {
+            self.uplink_pace(p.id.uplink).max(p.peer_pace)
+        };
+        if !active && p.unanswered >= BACKOFF_AFTER && self.best_healthy(None).is_some() {
+            // A dead spare while another path works: exponential back-off. Each wait is a
+            // quarter of the time the path has been dead (probe times grow by 1.25x), so a
+            // path that comes back is found within a quarter of its outage.
+            let dead_for = p
+                .first_unanswered_at
+                .map_or(Duration::ZERO, |f| last.saturating_duration_since(f));
+            let backoff = (dead_for / BACKOFF_DIVISOR).clamp(
+                u.probe.backup_interval,
+                MAX_BACKOFF.max(u.probe.backup_interval),
+            );
+            return Some(last + backoff.max(pace));
+        }
         let fast = last + u.probe.fast_interval;
-        let slow = last + u.probe.backup_interval;
+        let slow = last + u.probe.backup_interval.max(pace);
         if self.search_until().is_some_and(|until| fast < until) {
             return Some(fast);
         }
@@ -497,6 +603,23 @@ impl PathAgent {
         } else {
             None
         }
+    }
+
+    /// Spacing between probes on each path of a metered uplink that keeps the probes of
+    /// both ends within its hourly budget (see [`probe_pace`](Self::probe_pace)).
+    fn uplink_pace(&self, uplink: UplinkId) -> Duration {
+        let Some(budget) = self
+            .uplinks
+            .get(usize::from(uplink.0))
+            .and_then(|u| u.probe.budget_per_hour)
+        else {
+            return Duration::ZERO;
+        };
+        let paths = self.paths.iter().filter(|p| p.id.uplink == uplink).count() as u64;
+        // Per hour: `2 × paths` probers, each exchange a request and a reply.
+        let exchange_bytes = 2 * PROBE_WIRE_BYTES;
+        let per_hour = (budget / (2 * paths.max(1) * exchange_bytes)).max(1);
+        (Duration::from_secs(3_600) / u32::try_from(per_hour).unwrap_or(u32::MAX)).min(MAX_PACE)
     }
 
     fn rtt_clearly_better(&self, candidate: usize, active: usize) -> bool {
@@ -743,13 +866,19 @@ impl PathAgent {
             to: to_id,
             reason,
         });
+        if let (Some(path), Some(cause)) = (to_id, self.notice_cause(reason)) {
+            self.send_notice(path, cause, now);
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::path::{PathConfig, ProbeSettings, UplinkConfig, UplinkKind};
+    use crate::path::{
+        NoticeCause, NoticeRejected, PathConfig, PathNotice, ProbeSettings, UplinkConfig,
+        UplinkKind,
+    };
     use std::net::SocketAddr;
 
     fn ms(v: u64) -> Duration {
@@ -768,6 +897,8 @@ mod tests {
                     kind: UplinkKind::Terrestrial,
                     priority,
                     probe: ProbeSettings::default(),
+                    metered: false,
+                    probe_budget_bytes_per_hour: None,
                 })
                 .collect(),
             failover: Default::default(),
@@ -801,6 +932,17 @@ mod tests {
                 .handle_probe_reply(tx.path, tx.nonce, now + rtt)
                 .expect("genuine reply");
         }
+    }
+
+    /// Two uplinks (tiers 0 and 1) to one endpoint, both proven at `t0`, traffic on tier 0,
+    /// events drained.
+    fn proven_agent(t0: Instant) -> PathAgent {
+        let mut agent = PathAgent::new(&config(&[0, 1]), &[remote(1, 0)], 7, t0);
+        agent.handle_timeout(t0);
+        answer_all(&mut agent, t0, ms(1));
+        assert_eq!(agent.active_path(), Some(path(0, 1)));
+        while agent.poll_event().is_some() {}
+        agent
     }
 
     #[test]
@@ -841,6 +983,8 @@ mod tests {
             kind: UplinkKind::Terrestrial,
             priority: 0,
             probe: ProbeSettings::default(),
+            metered: false,
+            probe_budget_bytes_per_hour: None,
         };
         let cfg = PathConfig {
             uplinks: vec![
@@ -889,8 +1033,13 @@ mod tests {
         );
         assert_eq!(
             agent.handle_probe_reply(a.path, b.nonce, later),
-            Err(UnmatchedReply::UnknownNonce),
+            Err(UnmatchedReply::OtherPath),
             "a nonce sent on another path does not prove this one"
+        );
+        assert_eq!(
+            agent.handle_probe_reply(b.path, b.nonce, later),
+            Err(UnmatchedReply::UnknownNonce),
+            "nor its own path, once it came back elsewhere"
         );
         assert_eq!(
             agent.handle_probe_reply(a.path, a.nonce ^ 1, later),
@@ -1026,11 +1175,7 @@ mod tests {
     #[test]
     fn chooser_follows_the_follower_off_a_silent_path_but_not_right_after_its_own_switch() {
         let t0 = Instant::now();
-        let mut agent = PathAgent::new(&config(&[0, 1]), &[remote(1, 0)], 7, t0);
-        agent.handle_timeout(t0);
-        answer_all(&mut agent, t0, ms(1));
-        assert_eq!(agent.active_path(), Some(path(0, 1)));
-        while agent.poll_event().is_some() {}
+        let mut agent = proven_agent(t0);
         // Right after the initial choice: data on the backup does not move the chooser.
         agent.handle_peer_data(path(1, 1), t0 + ms(300));
         assert_eq!(agent.active_path(), Some(path(0, 1)));
@@ -1051,6 +1196,86 @@ mod tests {
                 reason: SwitchReason::PeerChoice
             })
         );
+    }
+
+    #[test]
+    fn path_notices_move_once_and_never_backwards() {
+        let t0 = Instant::now();
+        let mut agent = proven_agent(t0);
+        let notice = |epoch: u64, counter: u64| PathNotice {
+            seq: (epoch << 32) | counter,
+            cause: NoticeCause::LinkDown,
+        };
+        let t1 = t0 + ms(500);
+        assert_eq!(
+            agent.handle_path_notice(path(0, 9), notice(1, 5), t1),
+            Err(NoticeRejected::UnknownPath)
+        );
+        assert_eq!(
+            agent.handle_path_notice(path(1, 1), notice(1, 5), t1),
+            Ok(())
+        );
+        assert_eq!(agent.active_path(), Some(path(1, 1)));
+        assert_eq!(
+            agent.poll_event(),
+            Some(PathEvent::PathChanged {
+                from: Some(path(0, 1)),
+                to: Some(path(1, 1)),
+                reason: SwitchReason::PeerNotice
+            })
+        );
+        // The path the peer left is failed: no fail-back to it before it is proven again.
+        let left = agent.path_stats().next().expect("path");
+        assert_eq!(left.health, PathHealth::Failed);
+        // Following a notice is never announced back.
+        assert_eq!(agent.poll_notice(), None);
+        // A duplicate or an older notice of the same epoch moves nothing.
+        for stale in [notice(1, 5), notice(1, 4)] {
+            assert_eq!(
+                agent.handle_path_notice(path(0, 1), stale, t1 + ms(10)),
+                Err(NoticeRejected::Stale)
+            );
+        }
+        assert_eq!(agent.active_path(), Some(path(1, 1)));
+        // A restarted peer (new epoch) is heard.
+        agent.handle_link_event(UplinkId(1), LinkState::Down, t1 + ms(20));
+        while agent.poll_event().is_some() {}
+        assert_eq!(
+            agent.handle_path_notice(path(1, 1), notice(2, 1), t1 + ms(30)),
+            Err(NoticeRejected::LinkDown)
+        );
+        assert_eq!(
+            agent.handle_path_notice(path(0, 1), notice(2, 1), t1 + ms(30)),
+            Ok(())
+        );
+        assert_eq!(agent.active_path(), Some(path(0, 1)));
+    }
+
+    #[test]
+    fn an_own_move_is_announced_twice_on_the_new_path_with_a_rising_counter() {
+        let t0 = Instant::now();
+        let mut agent = proven_agent(t0);
+        agent.handle_link_event(UplinkId(0), LinkState::Down, t0 + ms(100));
+        let first = agent.poll_notice().expect("notice at once");
+        assert_eq!(first.path, path(1, 1));
+        assert_eq!(first.notice.cause, NoticeCause::LinkDown);
+        assert_eq!(agent.poll_notice(), None);
+        let again = t0 + ms(300);
+        assert_eq!(agent.poll_timeout().map(|t| t <= again), Some(true));
+        agent.handle_timeout(again);
+        assert_eq!(
+            agent.poll_notice(),
+            Some(first),
+            "the same notice, once more"
+        );
+        agent.handle_timeout(again + ms(500));
+        assert_eq!(agent.poll_notice(), None);
+        agent.handle_link_event(UplinkId(0), LinkState::Up, t0 + ms(1_000));
+        agent.handle_link_event(UplinkId(1), LinkState::Down, t0 + ms(1_100));
+        let next = agent.poll_notice().expect("notice");
+        assert_eq!(next.path, path(0, 1));
+        assert_eq!(next.notice.seq >> 32, first.notice.seq >> 32);
+        assert!(next.notice.seq > first.notice.seq);
     }
 
     #[test]

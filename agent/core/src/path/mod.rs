@@ -17,10 +17,13 @@
 //! | [`PathAgent::handle_data_sent`]         | a data packet was sent to the peer                 |
 //! | [`PathAgent::handle_timeout`]           | the instant from [`PathAgent::poll_timeout`] came  |
 //! | [`PathAgent::set_remote_endpoints`]     | the netmap changed the peer's endpoints            |
+//! | [`PathAgent::handle_path_notice`]       | WireGuard decrypted a path notice on a path        |
+//! | [`PathAgent::handle_probe_pace`]        | a probe reply carried the peer's pace              |
+//! | [`PathAgent::handle_probe_not_sent`]    | a probe could not be sent (no session, send error) |
 //!
 //! After every input the driver drains [`PathAgent::poll_transmit`] (probes to send),
-//! [`PathAgent::poll_event`] (path changes to apply) and re-arms its one timer to
-//! [`PathAgent::poll_timeout`]. The per-packet inputs (`handle_data_sent`,
+//! [`PathAgent::poll_notice`] (path notices to send), [`PathAgent::poll_event`] (path changes
+//! to apply) and re-arms its one timer to [`PathAgent::poll_timeout`]. The per-packet inputs (`handle_data_sent`,
 //! `handle_authenticated_rx`, `handle_peer_data`) never allocate and can only move the timer
 //! to at least a fast interval from now, so the packet loop may re-arm lazily; only
 //! `handle_peer_data` on a [`Role::Follower`] can emit an event (drain `poll_event` after it).
@@ -59,6 +62,35 @@
 //!   fast while the active path has two unanswered probes, so the switch goes to a path proven
 //!   moments ago. While no path is proven, every path is probed fast for 10 s, then at the
 //!   backup cadence (an offline peer costs one probe per second per path).
+//! - **Telling the peer.** Whenever this end moves traffic on its own (link-down, distress,
+//!   recovery; for the chooser also fail-back and lower RTT) it sends a [`PathNotice`] on the
+//!   new path, inside the WireGuard session, and a second copy a fast interval later. The
+//!   peer, chooser or follower, moves to the path the notice arrived on at once
+//!   ([`SwitchReason::PeerNotice`]) and, after a link-down or distress notice, marks the
+//!   paths that shared the failed path's remote endpoint (for distress also its local
+//!   uplink) failed, so it does not fail back before they are proven again. A cut seen by
+//!   one end alone thus moves both ends within one one-way delay of the backup path, and a
+//!   quiet pair (no data to follow) still fails back on both ends. Each notice carries the
+//!   sender's epoch (random per agent) and a counter; the receiver ignores any notice not
+//!   newer than the last it acted on, so a duplicate or a notice overtaken by a newer one on
+//!   another path moves nothing. Authenticity comes from WireGuard, as for probes.
+//! - **Dead paths back off.** A path that does not carry traffic and has gone
+//!   [`BACKOFF_AFTER`] probes unanswered while another path works is probed after a quarter
+//!   of the time it has been dead (at least the backup interval, at most [`MAX_BACKOFF`]):
+//!   probe times grow geometrically, and a path that comes back is found within a quarter of
+//!   its outage. A link or address event on its uplink, or any authenticated packet from the
+//!   peer on the path, ends the back-off.
+//! - **Metered uplinks keep a budget.** An uplink marked `metered` has a probe budget in
+//!   bytes per hour and peer ([`UplinkConfig::probe_budget_bytes_per_hour`]). Backups on it
+//!   are probed no more often than the *pace* that fits both ends' probe exchanges on its
+//!   paths into the budget ([`PROBE_WIRE_BYTES`] per packet), and every reply to the peer's
+//!   probes on such a path carries that pace ([`PathAgent::probe_pace`]), which the peer
+//!   honours. Probing while a path is suspect (overdue replies, distress, search) is not
+//!   paced: detection keeps its speed, and those bursts are a few probes per event. A metered
+//!   uplink that carries the traffic is probed like any other.
+//! - **Loss means loss.** A path's loss ratio counts only probes sent on it whose fate is
+//!   known: probes the driver could not send, replies that came back on another path and
+//!   probes in flight across a link change are left out.
 //! - **Fail-back hold restarts on outages.** A reply that comes after two or more unanswered
 //!   probes in a row marks an outage, not random loss: the path's hold restarts. A fail-back
 //!   that would go to tier 1 while tier 0 becomes eligible within a quarter of the hold waits
@@ -88,7 +120,11 @@
 //! 3. Calls [`PathAgent::handle_probe_reply`] only for replies that WireGuard authenticated,
 //!    with the path they arrived on. The agent accepts a reply only if its nonce matches a
 //!    probe still outstanding on that same path; anything else is returned as
-//!    [`UnmatchedReply`] (count it, drop it) and changes nothing.
+//!    [`UnmatchedReply`] (count it, drop it) and changes nothing. It passes the reply's pace
+//!    to [`PathAgent::handle_probe_pace`], and answers requests with the pace from
+//!    [`PathAgent::probe_pace`] for the path they arrived on. Path notices
+//!    ([`PathAgent::poll_notice`]) travel like probes, and only authenticated ones reach
+//!    [`PathAgent::handle_path_notice`].
 //! 4. Calls [`PathAgent::handle_peer_data`] for every data packet WireGuard authenticated,
 //!    and [`PathAgent::handle_authenticated_rx`] for authenticated keepalives and probe
 //!    requests; never for anything WireGuard did not authenticate.
@@ -116,12 +152,14 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-pub use agent::PathAgent;
+pub use agent::{PathAgent, BACKOFF_AFTER, MAX_BACKOFF, PROBE_WIRE_BYTES};
 pub use config::{
     ConfigError, FailoverSettings, PathConfig, ProbeSettings, UplinkConfig, UplinkKind,
-    ValidPathConfig, MAX_UPLINKS,
+    ValidPathConfig, DEFAULT_PROBE_BUDGET_BYTES_PER_HOUR, MAX_UPLINKS,
 };
-pub use probe::{ProbeDecodeError, ProbeMessage, PROBE_LEN, PROBE_UDP_PORT};
+pub use probe::{
+    NoticeCause, PathNotice, ProbeDecodeError, ProbeMessage, PROBE_LEN, PROBE_UDP_PORT,
+};
 
 /// Index of a local uplink in the config's `uplinks` list.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -175,6 +213,30 @@ pub struct ProbeTransmit {
     pub nonce: u64,
 }
 
+/// A path notice the driver must send, like a probe, inside the peer's session on `path`
+/// (payload [`ProbeMessage::Notice`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NoticeTransmit {
+    /// Path to send it on: the path this end moved to.
+    pub path: PathId,
+    /// The notice.
+    pub notice: PathNotice,
+}
+
+/// Why a path notice was ignored. The driver counts these; none of them changes state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum NoticeRejected {
+    /// The path is not one of this peer's paths.
+    #[error("path notice on a path this peer does not have")]
+    UnknownPath,
+    /// The path's uplink is down.
+    #[error("path notice on an uplink that is down")]
+    LinkDown,
+    /// Not newer than the last notice acted on (a duplicate, a replay or overtaken).
+    #[error("path notice older than the last one acted on")]
+    Stale,
+}
+
 /// Why traffic moved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum SwitchReason {
@@ -194,6 +256,8 @@ pub enum SwitchReason {
     EndpointRemoved,
     /// A follower moved to the path the chooser's data arrived on.
     PeerChoice,
+    /// The peer's [`PathNotice`] said it left the path; moved to the one the notice came on.
+    PeerNotice,
 }
 
 impl SwitchReason {
@@ -208,6 +272,7 @@ impl SwitchReason {
             SwitchReason::LowerRtt => "lower_rtt",
             SwitchReason::EndpointRemoved => "endpoint_removed",
             SwitchReason::PeerChoice => "peer_choice",
+            SwitchReason::PeerNotice => "peer_notice",
         }
     }
 
@@ -287,12 +352,22 @@ pub struct PathStats {
     pub rtt_var: Duration,
     /// Most recent RTT sample.
     pub latest_rtt: Option<Duration>,
-    /// Fraction of the last 64 probes that were lost.
+    /// Fraction of the probes sent on this path in the last minute (at most the last 64)
+    /// that were not answered on it; probes the driver could not send and replies that came
+    /// back on another path are not counted.
     pub loss_ratio: f32,
     /// Probes sent on this path.
     pub probes_sent: u64,
     /// Matching replies received.
     pub replies_received: u64,
+    /// Probes whose fate is known (answered, or unanswered for the loss timeout) in the loss
+    /// window; `loss_ratio` is over these.
+    pub loss_samples: u32,
+    /// Consecutive unanswered probes; from [`BACKOFF_AFTER`] on, the
+    /// path is probed with exponential back-off.
+    pub unanswered: u32,
+    /// When the next probe on this path is due, if any.
+    pub next_probe: Option<Instant>,
     /// When the last reply arrived.
     pub last_reply: Option<Instant>,
 }
@@ -310,4 +385,8 @@ pub enum UnmatchedReply {
     /// already, or sent on another path).
     #[error("probe reply matches no outstanding probe on this path")]
     UnknownNonce,
+    /// The nonce belongs to a probe sent on another path: the reply proves neither path, and
+    /// that probe leaves the loss statistics.
+    #[error("probe reply came back on another path than its probe")]
+    OtherPath,
 }

@@ -7,9 +7,9 @@ use super::stats::{LossWindow, RttEstimator};
 use super::PathId;
 
 /// Probes remembered per path while waiting for their reply. A reply to an older probe than
-/// this is ignored (and the probe counted lost): at the fast cadence that is 1.6 s of probes,
-/// far beyond any RTT we would still call healthy.
-const OUTSTANDING: usize = 8;
+/// this is ignored (and the probe counted lost): at the fast cadence that is 3.2 s of probes,
+/// beyond any RTT we would still call healthy, even a loaded GEO link's.
+const OUTSTANDING: usize = 16;
 
 /// Unanswered probes (counting the one just answered) that mark an outage rather than random
 /// loss and restart a path's fail-back hold. Three means two lost in a row: at Starlink's ~1 %
@@ -67,6 +67,8 @@ pub(super) struct PathState {
     /// Learned from the peer's authenticated traffic (a peer-reflexive address: the port its
     /// NAT gave it towards us), not listed in the netmap; kept across netmap updates.
     pub(super) learned: bool,
+    /// Least spacing between probes the peer asked for on this path (its uplink is metered).
+    pub(super) peer_pace: Duration,
 }
 
 impl PathState {
@@ -90,6 +92,7 @@ impl PathState {
             last_reply: None,
             better_since: None,
             learned: false,
+            peer_pace: Duration::ZERO,
         }
     }
 
@@ -99,14 +102,35 @@ impl PathState {
         self.health = Health::Unproven;
         self.silent_since = None;
         self.last_probe_at = None;
+        self.clear_unanswered();
+        self.better_since = None;
+        // Probes in flight across a link change say nothing about the path's loss.
+        self.outstanding = [None; OUTSTANDING];
+    }
+
+    /// Forgets the streak of unanswered probes (a reply, or fresh evidence from the peer).
+    pub(super) fn clear_unanswered(&mut self) {
         self.unanswered = 0;
         self.first_unanswered_at = None;
         self.nth_unanswered_at = None;
-        self.better_since = None;
-        for slot in &mut self.outstanding {
-            if slot.take().is_some() {
-                self.loss.record(true);
+    }
+
+    /// The slot of the outstanding probe with this nonce.
+    pub(super) fn outstanding_slot(&self, nonce: u64) -> Option<usize> {
+        self.outstanding
+            .iter()
+            .position(|o| o.is_some_and(|o| o.nonce == nonce))
+    }
+
+    /// Drops the outstanding probe with this nonce without counting it lost; whether it was
+    /// outstanding here.
+    pub(super) fn forget_probe(&mut self, nonce: u64) -> bool {
+        match self.outstanding_slot(nonce) {
+            Some(slot) => {
+                self.outstanding[slot] = None;
+                true
             }
+            None => false,
         }
     }
 

@@ -60,6 +60,11 @@ impl LossWindow {
         self.len = (self.len + 1).min(Self::LEN);
     }
 
+    /// Probes recorded in the window.
+    pub(crate) fn samples(&self) -> u32 {
+        self.len
+    }
+
     /// Lost fraction of the recorded probes, 0.0 when none were recorded.
     pub(crate) fn ratio(&self) -> f32 {
         if self.len == 0 {

@@ -254,6 +254,8 @@ impl Sim {
                     kind: l.kind,
                     priority: l.priority,
                     probe: ProbeSettings::default(),
+                    metered: false,
+                    probe_budget_bytes_per_hour: None,
                 })
                 .collect(),
             failover,
