@@ -5,7 +5,8 @@
 //! lists both nodes as approved (from then on each receives a netmap holding the other) and
 //! stops at the first echo reply over the overlay, from a ping sent every 20 ms (so the
 //! resolution is 20 ms). Scenarios: one flat segment (no NAT); two units behind their own
-//! carrier NAT (`masquerade`, endpoint-independent) with HQ public: the units punch through.
+//! carrier NAT (`masquerade`, endpoint-independent) with HQ public: the units punch through;
+//! two units behind endpoint-dependent NAT (`masquerade random`): through the relay.
 //! Prints a markdown table (p50/p90/p99/max) for `scripts/bench-reach`.
 
 use std::io::{BufRead as _, BufReader};
@@ -49,6 +50,13 @@ const SCENARIOS: &[Scenario] = &[
         controller_ns: 0,
         controller_addr: "198.18.0.2:8080",
         nodes: &[(3, "unit-a"), (4, "unit-b"), (0, "hq")],
+    },
+    Scenario {
+        name: "hard NAT ⇄ hard NAT, through the controller's relay",
+        build: || Topology::nat(true, true),
+        controller_ns: 0,
+        controller_addr: "198.18.0.2:8080",
+        nodes: &[(3, "unit-a"), (4, "unit-b")],
     },
 ];
 
