@@ -92,9 +92,12 @@ impl Controller {
                 .arg("--tls-key")
                 .arg(&t.key);
         }
+        // Its log, for tests that print it when they fail (`Controller::log`).
+        let log = std::fs::File::create(data_dir.path().join("controller.log"))?;
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null());
+            .stderr(log)
+            .env("RUST_LOG", "info,skymesh_controller=debug");
         let child = cmd.spawn().context("starting the controller")?;
         let scheme = if tls.is_some() { "https" } else { "http" };
         let url = format!("{scheme}://{listen}");
@@ -165,6 +168,11 @@ impl Controller {
         }
         cmd.arg(format!("{}{path}", self.url));
         serde_json::from_str(&run(&mut cmd)).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// What the controller logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data_dir.path().join("controller.log")).unwrap_or_default()
     }
 
     pub fn kill(&mut self) {

@@ -1,10 +1,10 @@
 //! `skymesh-reach`: how long two nodes that just joined take to reach each other, with nothing
 //! declared (`join --controller URL --enroll-key KEY` only), in network namespaces (root).
 //!
-//! Per trial a fresh topology, controller and agents: the clock starts when the controller
-//! lists both nodes as approved (from then on each receives a netmap holding the other) and
-//! stops at the first echo reply over the overlay, from a ping sent every 20 ms (so the
-//! resolution is 20 ms). Scenarios: one flat segment (no NAT); two units behind their own
+//! Per trial a fresh topology, controller and agents: the clock starts when both netmaps are
+//! applied (each node's device holds the other as a peer, polled every 10 ms through
+//! `skymesh-agent status`) and stops at the first echo reply over the overlay, from a ping sent
+//! every 20 ms (so the resolution is 20 ms). Scenarios: one flat segment (no NAT); two units behind their own
 //! carrier NAT (`masquerade`, endpoint-independent) with HQ public: the units punch through;
 //! two units behind endpoint-dependent NAT (`masquerade random`): through the relay.
 //! Prints a markdown table (p50/p90/p99/max) for `scripts/bench-reach`.
@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use clap::Parser;
-use skymesh_e2e::nat::{controller_with_key, overlay_v4, Topology};
+use skymesh_e2e::nat::{controller_with_key, overlay_v4, public_key_of, status, Topology};
 use skymesh_e2e::{in_ns, percentile};
 
 #[derive(Parser)]
@@ -95,20 +95,38 @@ fn trial(s: &Scenario) -> anyhow::Result<Duration> {
         t.join(i, &url, &key, name);
     }
     let (from, to) = (s.nodes[0], s.nodes[1]);
-    let deadline = Instant::now() + Duration::from_secs(20);
+    // Both approved, then both netmaps applied: each device holds the other as a peer. Waited
+    // for generously: right after the previous trial's namespaces were deleted, the kernel's
+    // namespace cleanup can hold up creating the next TUN devices for many seconds, which
+    // says nothing about skymesh.
+    let deadline = Instant::now() + Duration::from_secs(60);
     let dst = loop {
-        let a = overlay_v4(&c, &ns, from.1);
-        if let (Some(_), Some(b)) = (a, overlay_v4(&c, &ns, to.1)) {
-            break b;
+        let keys = (public_key_of(&c, &ns, from.1), public_key_of(&c, &ns, to.1));
+        let holds = |i: usize, key: &str| {
+            !key.is_empty()
+                && status(t.ns(i), &t.iface(i))["peers"]
+                    .as_array()
+                    .is_some_and(|p| p.iter().any(|p| p["public_key"] == key))
+        };
+        if holds(from.0, &keys.1) && holds(to.0, &keys.0) {
+            if let Some(b) = overlay_v4(&c, &ns, to.1) {
+                break b;
+            }
         }
         if Instant::now() > deadline {
-            bail!("{} and {} not approved within 20 s", from.1, to.1);
+            t.dump_logs();
+            bail!(
+                "{} and {} did not apply each other within 60 s",
+                from.1,
+                to.1
+            );
         }
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(10));
     };
     let took = first_reply(t.ns(from.0), &dst, Duration::from_secs(15));
     if took.is_err() {
         t.dump_logs();
+        eprintln!("===== controller\n{}", c.log());
     }
     took
 }
