@@ -121,20 +121,8 @@ impl Topology {
             u8::from(hard_b),
             next_run()
         );
-        let names: Vec<String> = ["hq", "nata", "natb", "ua", "ub", "wan"]
-            .iter()
-            .map(|n| format!("{p}{n}"))
-            .collect();
-        let t = Topology {
-            prefix: p.clone(),
-            names: names.clone(),
-            children: Vec::new(),
-            dir: tempfile::tempdir().expect("tempdir"),
-        };
-        for ns in &names {
-            ip(&["netns", "add", ns]);
-            ip(&["-n", ns, "link", "set", "lo", "up"]);
-        }
+        let t = Topology::namespaces(&p, &["hq", "nata", "natb", "ua", "ub", "wan"]);
+        let names = t.names.clone();
         let [hq, nata, natb, ua, ub, wan] = [0, 1, 2, 3, 4, 5].map(|i| names[i].as_str());
         link(
             wan,
@@ -203,6 +191,21 @@ impl Topology {
         Some(t)
     }
 
+    /// Creates namespaces `{prefix}{name}` with loopback up (removed again on drop).
+    fn namespaces(prefix: &str, names: &[&str]) -> Topology {
+        let t = Topology {
+            prefix: prefix.to_owned(),
+            names: names.iter().map(|n| format!("{prefix}{n}")).collect(),
+            children: Vec::new(),
+            dir: tempfile::tempdir().expect("tempdir"),
+        };
+        for ns in &t.names {
+            ip(&["netns", "add", ns]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        t
+    }
+
     pub fn ns(&self, i: usize) -> &str {
         &self.names[i]
     }
@@ -214,20 +217,8 @@ impl Topology {
             return None;
         }
         let p = format!("nf{}{}", std::process::id() % 10_000, next_run());
-        let names: Vec<String> = ["lan", "h1", "h2", "h3"]
-            .iter()
-            .map(|n| format!("{p}{n}"))
-            .collect();
-        let t = Topology {
-            prefix: p.clone(),
-            names: names.clone(),
-            children: Vec::new(),
-            dir: tempfile::tempdir().expect("tempdir"),
-        };
-        for ns in &names {
-            ip(&["netns", "add", ns]);
-            ip(&["-n", ns, "link", "set", "lo", "up"]);
-        }
+        let t = Topology::namespaces(&p, &["lan", "h1", "h2", "h3"]);
+        let names = t.names.clone();
         let lan = names[0].as_str();
         ip(&["-n", lan, "link", "add", "br0", "type", "bridge"]);
         ip(&["-n", lan, "link", "set", "br0", "up"]);
