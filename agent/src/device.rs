@@ -152,11 +152,11 @@ struct Initiation {
 const INIT_LEN: usize = 148;
 /// WireGuard's REKEY_TIMEOUT: an initiation unanswered this long is replaced by a new one.
 const REKEY_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a new initiation goes only to the path it was made for (the agent's first
-/// choice) before copies go to the other probed paths. Longer than the 700 ms distress
-/// timeout: a pair whose first choice works settles there exactly as without copies (with
-/// 250 ms, the failover tests' pairs sometimes settled on the backup uplink); a NAT punch
-/// costs this second once.
+/// With several uplinks, how long a new initiation goes only to the path it was made for (the
+/// agent's first choice) before copies go to the other probed paths. Longer than the 700 ms
+/// distress timeout: a pair whose first choice works settles there exactly as without copies
+/// (with 250 ms, the failover tests' pairs sometimes settled on the backup uplink). A node with
+/// one uplink (the default) copies at once.
 const INIT_FANOUT: Duration = Duration::from_millis(1000);
 
 impl Initiation {
@@ -1365,6 +1365,7 @@ impl Device {
         let Some(pp) = peer.paths.as_mut() else {
             return;
         };
+        let multi_uplink = f.links.len() > 1;
         while let Some(tx) = pp.agent.poll_transmit() {
             let Some(tunn) = peer.tunn.as_mut() else {
                 pp.agent.handle_probe_not_sent(tx.path, tx.nonce);
@@ -1384,9 +1385,14 @@ impl Device {
                     .init
                     .filter(|i| now.duration_since(i.at) < REKEY_TIMEOUT)
                 {
-                    // The first path probed (the agent's first choice) has it alone for a
-                    // while, so a pair with several working paths settles on that one.
-                    Some(i) if now.duration_since(i.at) < INIT_FANOUT => TunnResult::Done,
+                    // With several uplinks, the first path probed (the agent's first choice)
+                    // has it alone for a while, so a pair with several working paths settles
+                    // on its preferred uplink. With one uplink there is no such choice to
+                    // protect: every candidate (private, reflexive, relayed) is checked at
+                    // once, and the best proven one wins.
+                    Some(i) if multi_uplink && now.duration_since(i.at) < INIT_FANOUT => {
+                        TunnResult::Done
+                    }
                     Some(i) => {
                         self.tx_buf[..INIT_LEN].copy_from_slice(&i.msg);
                         TunnResult::WriteToNetwork(&mut self.tx_buf[..INIT_LEN])
