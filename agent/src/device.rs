@@ -205,10 +205,8 @@ pub(crate) struct Device {
     failover: Option<Failover>,
     /// Reflexive address and NAT kind of every uplink socket (STUN on the WireGuard sockets).
     discovery: Discovery,
-    /// Binding to the relay; `relayed` is the relay the peers' relayed candidates go through
-    /// now (set while bound).
+    /// Binding to the relay (the relay candidates go through is the uplinks', set while bound).
     relay: RelayClient,
-    relayed: Option<SocketAddr>,
 }
 
 /// Failover state shared by all managed peers.
@@ -313,7 +311,6 @@ impl Device {
             status_allocs: 0,
             discovery,
             relay,
-            relayed: None,
             failover,
         };
         dev.register_uplinks()?;
@@ -1166,7 +1163,7 @@ impl Device {
             return;
         };
         let now = Instant::now();
-        let eps = Self::candidates_with_relay(self.relayed, eps, slot);
+        let eps = Self::candidates_with_relay(self.uplinks.relay(), eps, slot);
         let mut agent = PathAgent::new(&f.setup.config, &eps, nonce_seed(), now);
         for (i, &(_, up)) in f.links.iter().enumerate() {
             if let (false, Ok(id)) = (up, u8::try_from(i)) {
@@ -1215,7 +1212,7 @@ impl Device {
         let Some(slot) = slot else { return 0 };
         let managed = match self.peers[slot].as_mut().and_then(|p| p.paths.as_mut()) {
             Some(pp) => {
-                let eps = Self::candidates_with_relay(self.relayed, &endpoints, slot);
+                let eps = Self::candidates_with_relay(self.uplinks.relay(), &endpoints, slot);
                 pp.agent.set_remote_endpoints(&eps, now);
                 true
             }
@@ -1262,9 +1259,8 @@ impl Device {
             }
         }
         let bound = self.relay.bound_server(now);
-        if bound != self.relayed {
+        if bound != self.uplinks.relay() {
             tracing::info!(relay = ?bound, "relay binding changed");
-            self.relayed = bound;
             self.uplinks.set_relay(bound);
             self.refresh_relay_candidates(now);
         }
@@ -1316,7 +1312,7 @@ impl Device {
         let Some(f) = self.failover.as_ref() else {
             return;
         };
-        let relayed = self.relayed;
+        let relayed = self.uplinks.relay();
         for slot in 0..self.peers.len() {
             let Some(peer) = self.peers[slot].as_mut() else {
                 continue;

@@ -197,6 +197,11 @@ impl Uplinks {
         self.relay = relay;
     }
 
+    /// The relay that relayed candidates go through now (set while it is bound).
+    pub(crate) fn relay(&self) -> Option<SocketAddr> {
+        self.relay
+    }
+
     /// Takes over the relay and peer keys of the sockets these replace (a new listen port).
     pub(crate) fn adopt_relay(&mut self, old: Uplinks) {
         self.relay = old.relay;

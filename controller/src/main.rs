@@ -389,8 +389,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     drop(out);
     tracing::info!(%addr, "serving");
     let sweeper = tokio::spawn(skymesh_controller::run_expiry_sweeper(state.clone()));
-    let mut reflectors =
-        skymesh_controller::stun::spawn(stun).context("starting the STUN reflector")?;
+    let mut reflectors = skymesh_controller::stun::spawn(stun, state.metrics.clone())
+        .context("starting the STUN reflector")?;
     if let Some(r) = relay {
         reflectors.push(
             skymesh_controller::relay::spawn(r, state.clone()).context("starting the relay")?,

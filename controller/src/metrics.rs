@@ -25,6 +25,10 @@ pub struct Metrics {
     pub relay_bytes: AtomicU64,
     pub relay_dropped: AtomicU64,
     pub relay_bindings: AtomicU64,
+    /// STUN reflector: Binding requests answered, datagrams dropped (not a Binding request,
+    /// or over the rate limit).
+    pub stun_answered: AtomicU64,
+    pub stun_dropped: AtomicU64,
 }
 
 impl Metrics {
@@ -74,6 +78,16 @@ impl Metrics {
                 "skymesh_deltas_served_total",
                 "Signed netmap deltas sent on streams.",
                 c(&self.deltas_served),
+            ),
+            (
+                "skymesh_stun_answered_total",
+                "STUN Binding requests answered (endpoint discovery).",
+                c(&self.stun_answered),
+            ),
+            (
+                "skymesh_stun_dropped_total",
+                "Datagrams the STUN reflector dropped (not a Binding request, or over its rate).",
+                c(&self.stun_dropped),
             ),
             (
                 "skymesh_relay_frames_sent_total",

@@ -11,24 +11,18 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use skymesh_proto::stun::{self, Message};
 use tokio::task::JoinHandle;
 
+use crate::metrics::Metrics;
+
 /// Most responses one port sends per second (a fleet of 10,000 agents asking every 20 s from
 /// two sockets is 1,000/s).
 pub const RESPONSES_PER_SECOND: u32 = 5_000;
-
-/// What the reflector did, for `/metrics` and tests.
-#[derive(Debug, Default)]
-pub struct StunCounters {
-    pub answered: AtomicU64,
-    /// Datagrams that were not Binding requests, or over the rate limit.
-    pub dropped: AtomicU64,
-}
 
 /// Binds `ip:port` and `ip:port+1` (`port` 0: none). Binding happens before the API is
 /// announced, so a port in use is a start-up error, not a silent gap.
@@ -45,15 +39,15 @@ pub fn bind(ip: IpAddr, port: u16) -> io::Result<Vec<UdpSocket>> {
         .collect()
 }
 
-/// Serves every socket on the current tokio runtime until the tasks are aborted.
-pub fn spawn(sockets: Vec<UdpSocket>) -> io::Result<Vec<JoinHandle<()>>> {
-    let counters = Arc::new(StunCounters::default());
+/// Serves every socket on the current tokio runtime until the tasks are aborted, counting
+/// answers and drops in `metrics` (`/metrics`).
+pub fn spawn(sockets: Vec<UdpSocket>, metrics: Arc<Metrics>) -> io::Result<Vec<JoinHandle<()>>> {
     sockets
         .into_iter()
         .map(|s| {
             s.set_nonblocking(true)?;
             let sock = tokio::net::UdpSocket::from_std(s)?;
-            Ok(tokio::spawn(serve(sock, counters.clone())))
+            Ok(tokio::spawn(serve(sock, metrics.clone())))
         })
         .collect()
 }
@@ -66,7 +60,7 @@ pub fn answer(datagram: &[u8], from: SocketAddr, out: &mut [u8]) -> Option<usize
     }
 }
 
-async fn serve(sock: tokio::net::UdpSocket, counters: Arc<StunCounters>) {
+async fn serve(sock: tokio::net::UdpSocket, metrics: Arc<Metrics>) {
     let mut buf = [0u8; 1500];
     let mut out = [0u8; stun::MAX_RESPONSE_LEN];
     let mut window = Instant::now();
@@ -81,12 +75,12 @@ async fn serve(sock: tokio::net::UdpSocket, counters: Arc<StunCounters>) {
             budget = RESPONSES_PER_SECOND;
         }
         let Some(len) = answer(&buf[..n], from, &mut out).filter(|_| budget > 0) else {
-            counters.dropped.fetch_add(1, Ordering::Relaxed);
+            metrics.stun_dropped.fetch_add(1, Ordering::Relaxed);
             continue;
         };
         budget -= 1;
         if sock.send_to(&out[..len], from).await.is_ok() {
-            counters.answered.fetch_add(1, Ordering::Relaxed);
+            metrics.stun_answered.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
@@ -125,7 +119,8 @@ mod tests {
             a.local_addr().expect("a").port(),
             b.local_addr().expect("b").port(),
         ];
-        let tasks = spawn(vec![a, b]).expect("spawn");
+        let metrics = Arc::new(Metrics::default());
+        let tasks = spawn(vec![a, b], metrics.clone()).expect("spawn");
         let client = tokio::net::UdpSocket::bind("127.0.0.1:0")
             .await
             .expect("client");
@@ -150,6 +145,7 @@ mod tests {
                 })
             );
         }
+        assert_eq!(metrics.stun_answered.load(Ordering::Relaxed), 2);
         for t in tasks {
             t.abort();
         }

@@ -133,9 +133,9 @@ fn url_host(url: &str) -> Option<&str> {
     (!host.is_empty()).then_some(host)
 }
 
-/// The STUN reflectors to ask: the controller's addresses (resolved now) on each of the
-/// `ports` its netmap lists, IPv4 first. Empty when the host does not resolve.
-pub(crate) fn stun_servers(controller_url: &str, ports: &[u16]) -> Vec<SocketAddr> {
+/// The controller's addresses (resolved now) on each of `ports`, IPv4 first: its STUN
+/// reflectors and its relay. Empty when the host does not resolve.
+pub(crate) fn controller_addrs(controller_url: &str, ports: &[u16]) -> Vec<SocketAddr> {
     use std::net::ToSocketAddrs as _;
     let Some(host) = url_host(controller_url) else {
         return Vec::new();
@@ -491,13 +491,13 @@ mod tests {
         assert_eq!(url_host("https://u:p@hq.example"), Some("hq.example"));
         assert_eq!(url_host("http://:80"), None);
         assert_eq!(
-            stun_servers("http://198.18.0.1:8080", &[3478, 3479]),
+            controller_addrs("http://198.18.0.1:8080", &[3478, 3479]),
             vec![
                 "198.18.0.1:3478".parse().expect("addr"),
                 "198.18.0.1:3479".parse().expect("addr")
             ]
         );
-        assert!(stun_servers("http://198.18.0.1:8080", &[]).is_empty());
+        assert!(controller_addrs("http://198.18.0.1:8080", &[]).is_empty());
     }
 
     #[test]

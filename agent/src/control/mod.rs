@@ -468,7 +468,7 @@ fn report_loop(
             if grant.is_some() && grant != relay_sent {
                 let g = grant.clone().flatten();
                 let server = g.as_ref().and_then(|g| {
-                    failover::stun_servers(&st.controller_url, &[g.port])
+                    failover::controller_addrs(&st.controller_url, &[g.port])
                         .into_iter()
                         .next()
                 });
@@ -483,7 +483,7 @@ fn report_loop(
             }
             if ports.is_some() && ports != stun_ports {
                 let ports = ports.unwrap_or_default();
-                let servers = failover::stun_servers(&st.controller_url, &ports);
+                let servers = failover::controller_addrs(&st.controller_url, &ports);
                 match dev::set_stun_servers(&st.iface, &servers) {
                     Ok(()) => {
                         tracing::info!(servers = ?servers, "endpoint discovery (STUN) reflectors set");
